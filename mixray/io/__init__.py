@@ -1,0 +1,1 @@
+"""Readers and the run directory (manifests, atomic outputs, skip/resume)."""

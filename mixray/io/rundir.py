@@ -1,0 +1,169 @@
+"""The run directory: one folder per stage, Parquet outputs, a manifest, and skip/resume.
+
+Layout::
+
+    <run_dir>/config.yaml                 the resolved config of the last invocation
+    <run_dir>/<stage>/<outputs>.parquet   written under a temp name, renamed on success
+    <run_dir>/<stage>/manifest.json       written last: a stage is complete iff it exists
+                                          and every output it lists is present
+
+The manifest records the stage's config hash, the hashes of its inputs, row
+counts, wall time and library versions. A stage is skipped when its manifest's
+``fingerprint`` (config hash + input hashes + mixray version) equals the one it
+would compute now and its outputs are intact; otherwise it is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import mixray
+
+MANIFEST = "manifest.json"
+_VERSION_PACKAGES = ("ray", "torch", "transformers", "sentence-transformers", "pyarrow", "numpy")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    if path.is_dir():
+        for p in sorted(path.rglob("*")):
+            if p.is_file():
+                h.update(str(p.relative_to(path)).encode())
+                h.update(file_sha256(p).encode())
+        return h.hexdigest()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "mixray": mixray.__version__}
+    for name in _VERSION_PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def fingerprint(config_hash: str, input_hashes: dict[str, str]) -> str:
+    payload = json.dumps(
+        {"config": config_hash, "inputs": input_hashes, "mixray": mixray.__version__}, sort_keys=True
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass
+class StageRun:
+    """Book-keeping for one stage execution; outputs go through ``tmp_path``/``commit``."""
+
+    stage_dir: Path
+    config_hash: str
+    input_hashes: dict[str, str]
+    counts: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    _pending: list[tuple[Path, Path]] = field(default_factory=list)
+
+    def tmp_path(self, name: str) -> Path:
+        """A temp path for output ``name``; it becomes ``stage_dir/name`` on ``finish``."""
+        final = self.stage_dir / name
+        tmp = self.stage_dir / f".{name}.tmp-{os.getpid()}"
+        self._pending.append((tmp, final))
+        return tmp
+
+    def output(self, name: str) -> Path:
+        return self.stage_dir / name
+
+
+def write_table(table: pa.Table, path: Path) -> None:
+    pq.write_table(table, path, compression="zstd")
+
+
+def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
+    p = stage_dir / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def is_complete(stage_dir: Path, fp: str) -> bool:
+    m = read_manifest(stage_dir)
+    if m is None or m.get("fingerprint") != fp:
+        return False
+    outs = m.get("outputs", {})
+    return all((stage_dir / name).exists() and file_sha256(stage_dir / name) == h
+               for name, h in outs.items())
+
+
+def output_hash(stage_dir: Path, name: str) -> str:
+    """The recorded hash of a completed stage's output (what downstream stages key on)."""
+    m = read_manifest(stage_dir)
+    if m is None or name not in m.get("outputs", {}):
+        from mixray.errors import InputError
+
+        raise InputError(
+            f"{stage_dir / name}: not found or incomplete; run the {stage_dir.name!r} stage first"
+        )
+    return m["outputs"][name]
+
+
+@contextmanager
+def stage_run(stage_dir: Path, config_hash: str, input_hashes: dict[str, str]) -> Iterator[StageRun]:
+    """Run a stage body; on success, rename temp outputs into place and write the manifest.
+
+    The old manifest is removed *before* the body runs, so an interrupted run
+    can never leave a manifest that vouches for half-written outputs.
+    """
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    (stage_dir / MANIFEST).unlink(missing_ok=True)
+    run = StageRun(stage_dir, config_hash, input_hashes)
+    t0 = time.time()
+    try:
+        yield run
+    except BaseException:
+        for tmp, _ in run._pending:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+        raise
+    outputs = {}
+    for tmp, final in run._pending:
+        if final.is_dir():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        outputs[final.name] = file_sha256(final)
+    manifest = {
+        "stage": stage_dir.name,
+        "fingerprint": fingerprint(config_hash, input_hashes),
+        "config_hash": config_hash,
+        "inputs": input_hashes,
+        "outputs": outputs,
+        "counts": run.counts,
+        **run.extra,
+        "wall_time_s": round(time.time() - t0, 3),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": library_versions(),
+    }
+    tmp_manifest = stage_dir / f".{MANIFEST}.tmp"
+    tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=False))
+    os.replace(tmp_manifest, stage_dir / MANIFEST)

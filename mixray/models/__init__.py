@@ -1,0 +1,1 @@
+"""Model loading (offline aliases) and Ray-agnostic batch callables."""

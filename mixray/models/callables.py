@@ -1,0 +1,293 @@
+"""Batch callables: load a model in ``__init__``, map a column batch in ``__call__``.
+
+They know nothing about Ray (NeMo Curator's pattern): ``mixray.distributed``
+hands them to a Ray Data actor pool, tests and benchmarks call them directly.
+A batch is ``dict[str, np.ndarray]`` with at least ``id, instruction, input,
+output``; the result has ``id`` plus the computed columns, one row per input row.
+
+Device: CUDA when the actor has a GPU, CPU otherwise (chosen at run time).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mixray.algorithms.ifd import IGNORE_INDEX, ifd_quality, ifd_ratio, response_mean_loss
+from mixray.algorithms.pooling import l2_normalize, last_token, mean_pool
+from mixray.models.registry import resolve_model
+from mixray.models.text import build_texts, instruction_text, prompt_text
+
+log = logging.getLogger("mixray.models")
+
+
+def _device(threads: int | None) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.device("cpu")
+
+
+def _texts(batch: dict[str, np.ndarray], kind: str) -> list[str]:
+    return build_texts(kind, batch["instruction"].tolist(), batch["input"].tolist(),
+                       batch["output"].tolist())
+
+
+def _load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+class SentenceEncoder:
+    """sentence-transformers encoder (all-MiniLM-L6-v2 by default) -> ``embedding [B, d]``."""
+
+    def __init__(self, model_path: str, text: str = "instruction", normalize: bool = True,
+                 max_length: int = 256, encode_batch_size: int = 64, threads: int | None = None):
+        from sentence_transformers import SentenceTransformer
+
+        self.device = _device(threads)
+        model_path = resolve_model(model_path)
+        self.model = SentenceTransformer(model_path, device=str(self.device))
+        self.model.max_seq_length = max_length
+        self.text, self.normalize, self.encode_batch_size = text, normalize, encode_batch_size
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.get_embedding_dimension()
+                   if hasattr(self.model, "get_embedding_dimension")
+                   else self.model.get_sentence_embedding_dimension())
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        emb = self.model.encode(
+            _texts(batch, self.text), batch_size=self.encode_batch_size,
+            normalize_embeddings=self.normalize, convert_to_numpy=True, show_progress_bar=False,
+        )
+        return {"id": batch["id"], "embedding": emb.astype(np.float32, copy=False)}
+
+
+def load_input_embeddings(model_path: str) -> torch.Tensor:
+    """The input embedding matrix ``[V, d]`` of a causal LM, without loading the rest.
+
+    The parameter's name is found on a weightless (meta-device) copy of the
+    model; only that tensor is read from the safetensors files. Falls back to
+    loading the whole model when the checkpoint is not in safetensors.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(cfg)
+    weight = skeleton.get_input_embeddings().weight
+    name = next(n for n, p in skeleton.named_parameters() if p is weight)
+    files = sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else []
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            keys = set(st.keys())
+            for cand in (name, name.removeprefix("model."), f"model.{name}"):
+                if cand in keys:
+                    return st.get_tensor(cand).float()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    return model.get_input_embeddings().weight.detach().clone()
+
+
+class LMEmbeddingEncoder:
+    """Mean of a causal LM's *input embedding* vectors over the example's tokens (MDIT).
+
+    No forward pass: ``v = mean_t E[x_t]`` with E the ``[V, d]`` embedding matrix.
+    """
+
+    def __init__(self, model_path: str, text: str = "instruction", normalize: bool = False,
+                 max_length: int = 256, threads: int | None = None, **_: object):
+        self.device = _device(threads)
+        model_path = resolve_model(model_path)
+        self.tok = _load_tokenizer(model_path)
+        self.matrix = load_input_embeddings(model_path).to(self.device)
+        self.text, self.normalize, self.max_length = text, normalize, max_length
+
+    @property
+    def dim(self) -> int:
+        return int(self.matrix.shape[1])
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        enc = self.tok(_texts(batch, self.text), truncation=True, max_length=self.max_length,
+                       padding=True, return_tensors="pt")
+        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        v = mean_pool(torch.nn.functional.embedding(ids, self.matrix), mask)
+        if self.normalize:
+            v = l2_normalize(v)
+        return {"id": batch["id"], "embedding": v.float().cpu().numpy()}
+
+
+class LMLastHiddenEncoder:
+    """A causal LM's last-layer hidden state at the example's final token (SFTMix's plots)."""
+
+    def __init__(self, model_path: str, text: str = "full", normalize: bool = False,
+                 max_length: int = 512, threads: int | None = None, micro_batch: int = 8, **_: object):
+        from transformers import AutoModelForCausalLM
+
+        self.device = _device(threads)
+        model_path = resolve_model(model_path)
+        self.tok = _load_tokenizer(model_path)
+        self.tok.padding_side = "right"
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
+        self.text, self.normalize, self.max_length, self.micro = text, normalize, max_length, micro_batch
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        texts = _texts(batch, self.text)
+        out = []
+        for s in range(0, len(texts), self.micro):
+            enc = self.tok(texts[s : s + self.micro], truncation=True, max_length=self.max_length,
+                           padding=True, return_tensors="pt").to(self.device)
+            h = self.model(**enc, output_hidden_states=True).hidden_states[-1]
+            v = last_token(h, enc["attention_mask"]).float()
+            out.append(l2_normalize(v) if self.normalize else v)
+        return {"id": batch["id"], "embedding": torch.cat(out).cpu().numpy()}
+
+
+ENCODERS = {
+    "sentence-transformers": SentenceEncoder,
+    "lm-embedding": LMEmbeddingEncoder,
+    "lm-last-hidden": LMLastHiddenEncoder,
+}
+
+
+class IFDScorer:
+    """IFD from a causal LM: ``raw = L(y|x) / L(y)``, ``score = ifd_quality(raw)``.
+
+    Two forward passes per example (with and without the instruction), in
+    micro-batches sorted by length to keep padding and the ``[b, T, V]``
+    logits small.
+    """
+
+    backend = "ifd"
+
+    def __init__(self, model_path: str, max_length: int = 512, micro_batch: int = 4,
+                 threads: int | None = None, trust_remote_code: bool = False, **_: object):
+        from transformers import AutoModelForCausalLM
+
+        self.device = _device(threads)
+        model_path = resolve_model(model_path)
+        self.tok = _load_tokenizer(model_path, trust_remote_code)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.max_length, self.micro = max_length, micro_batch
+        prefix = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
+        self.prefix = [int(prefix)]
+
+    def _pairs(self, batch: dict[str, np.ndarray]) -> list[tuple[list[int], list[int]]]:
+        """(prompt ids, response ids) per row, truncated to ``max_length`` in total."""
+        pairs = []
+        for ins, inp, out in zip(batch["instruction"], batch["input"], batch["output"], strict=True):
+            p = self.tok(prompt_text(self.tok, ins, inp), add_special_tokens=False)["input_ids"]
+            r = self.tok(out, add_special_tokens=False)["input_ids"]
+            # the response keeps at least half the budget; the prompt keeps its end
+            r = r[: self.max_length - min(len(p), self.max_length // 2)]
+            p = p[max(0, len(p) + len(r) - self.max_length) :]
+            pairs.append((p, r))
+        return pairs
+
+    @torch.no_grad()
+    def _losses(self, seqs: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+        """Mean response loss of each (context, response) sequence -> ``[len(seqs)]``."""
+        out = torch.empty(len(seqs))
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
+        pad = self.tok.pad_token_id
+        for s in range(0, len(order), self.micro):
+            idx = order[s : s + self.micro]
+            T = max(len(seqs[i][0]) + len(seqs[i][1]) for i in idx)
+            ids = torch.full((len(idx), T), pad, dtype=torch.long)
+            labels = torch.full((len(idx), T), IGNORE_INDEX, dtype=torch.long)
+            mask = torch.zeros((len(idx), T), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ctx, resp = seqs[i]
+                n = len(ctx) + len(resp)
+                ids[row, :n] = torch.tensor(ctx + resp)
+                labels[row, len(ctx) : n] = torch.tensor(resp)
+                mask[row, :n] = 1
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            out[idx] = response_mean_loss(logits, labels.to(self.device)).float().cpu()
+        return out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pairs = self._pairs(batch)
+        with_x = self._losses(pairs)
+        without_x = self._losses([(self.prefix, r) for _, r in pairs])
+        ifd = ifd_ratio(with_x, without_x)
+        return {
+            "id": batch["id"],
+            "raw": ifd.double().numpy(),
+            "score": ifd_quality(ifd).double().numpy(),
+            "loss_with_instruction": with_x.double().numpy(),
+            "loss_without_instruction": without_x.double().numpy(),
+        }
+
+
+class RewardModelScorer:
+    """Any ``AutoModelForSequenceClassification`` reward model on (instruction, response).
+
+    The pair goes through the tokenizer's chat template (user, assistant) when
+    it has one, as a text pair otherwise; ``raw = score = logits[:, label_index]``.
+    """
+
+    backend = "reward-model"
+
+    def __init__(self, model_path: str, max_length: int = 512, micro_batch: int = 8,
+                 label_index: int = 0, threads: int | None = None, trust_remote_code: bool = False,
+                 **_: object):
+        from transformers import AutoModelForSequenceClassification
+
+        self.device = _device(threads)
+        model_path = resolve_model(model_path)
+        self.tok = _load_tokenizer(model_path, trust_remote_code)
+        self.tok.padding_side = "right"
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            model_path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tok.pad_token_id
+        self.max_length, self.micro, self.label_index = max_length, micro_batch, label_index
+
+    def _encode(self, ins: list[str], inp: list[str], out: list[str]):
+        if getattr(self.tok, "chat_template", None):
+            texts = [
+                self.tok.apply_chat_template(
+                    [{"role": "user", "content": instruction_text(i, x)},
+                     {"role": "assistant", "content": o}], tokenize=False)
+                for i, x, o in zip(ins, inp, out, strict=True)
+            ]
+            return self.tok(texts, truncation=True, max_length=self.max_length, padding=True,
+                            return_tensors="pt")
+        return self.tok([instruction_text(i, x) for i, x in zip(ins, inp, strict=True)], out,
+                        truncation="longest_first", max_length=self.max_length, padding=True,
+                        return_tensors="pt")
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ins, inp, out = (batch[k].tolist() for k in ("instruction", "input", "output"))
+        scores = []
+        for s in range(0, len(ins), self.micro):
+            enc = self._encode(ins[s : s + self.micro], inp[s : s + self.micro],
+                               out[s : s + self.micro]).to(self.device)
+            scores.append(self.model(**enc).logits[:, self.label_index].float().cpu())
+        raw = torch.cat(scores).double().numpy()
+        return {"id": batch["id"], "raw": raw, "score": raw}
+
+
+SCORERS = {"ifd": IFDScorer, "reward-model": RewardModelScorer}

