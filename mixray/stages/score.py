@@ -28,7 +28,14 @@ import pyarrow.parquet as pq
 
 from mixray.config import RayConfig, ScoreConfig, section_hash
 from mixray.errors import ConfigError, InputError
-from mixray.io.rundir import fingerprint, is_complete, output_hash, read_manifest, stage_run, write_table
+from mixray.io.rundir import (
+    fingerprint,
+    is_complete,
+    output_hash,
+    read_manifest,
+    stage_run,
+    write_table,
+)
 from mixray.models.registry import check_model
 from mixray.stages.embed import TEXT_COLUMNS
 from mixray.stages.ingest import EXAMPLES
