@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from mixray.errors import MixrayError
+from mixray.stages import STAGES, run_stage
 
 log = logging.getLogger("mixray")
 
@@ -30,13 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    helps = {
-        "validate": "validate a config and print the resolved result",
-        "ingest": "read the sources into examples.parquet (+ rejects.parquet)",
-        "embed": "embed the examples over a Ray Data actor pool",
-        "score": "score the examples' quality over a Ray Data actor pool",
-        "run": "run the stages listed in the config's 'stages', in order",
-    }
+    helps = {"validate": "validate a config and print the resolved result"}
+    helps |= {name: text for name, (_, text) in STAGES.items()}
+    helps["run"] = "run the stages listed in the config's 'stages', in order"
     for name, text in helps.items():
         sp = sub.add_parser(name, help=text, description=text)
         sp.add_argument("config", metavar="CONFIG", help="YAML config file")
@@ -52,20 +49,7 @@ def _run_stages(cfg, stages: list[str], force: bool) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
-    results = {}
-    for stage in stages:
-        if stage == "ingest":
-            from mixray.stages.ingest import run_ingest
-
-            results[stage] = run_ingest(cfg.ingest, run_dir, force=force)
-        elif stage == "embed":
-            from mixray.stages.embed import run_embed
-
-            results[stage] = run_embed(cfg.embed, cfg.ray, run_dir, force=force)
-        elif stage == "score":
-            from mixray.stages.score import run_score
-
-            results[stage] = run_score(cfg.score, cfg.ray, run_dir, seed=cfg.seed, force=force)
+    results = {stage: run_stage(stage, cfg, run_dir, force) for stage in stages}
     log.info("done: %s -> %s", ", ".join(stages), run_dir)
     return results
 

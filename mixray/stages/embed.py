@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mixray.config import EmbedConfig, RayConfig, section_hash
+from mixray.config import EmbedConfig, RayConfig, RunConfig, section_hash
 from mixray.errors import InputError
 from mixray.io.rundir import fingerprint, is_complete, output_hash, read_manifest, stage_run
 from mixray.models.registry import check_model, resolve_model
@@ -106,3 +106,8 @@ def run_embed(cfg: EmbedConfig, ray_cfg: RayConfig, run_dir: Path, force: bool =
         log.info("embed: %d examples -> %d x %d embeddings in %.1f s (%.0f/s)", n_in, n_out, d,
                  secs, n_out / max(secs, 1e-9))
     return read_manifest(stage_dir) | {"skipped": False}
+
+
+def stage(cfg: RunConfig, run_dir: Path, force: bool = False) -> dict:
+    """The ``embed`` stage of ``mixray run`` (see ``mixray.stages.STAGES``)."""
+    return run_embed(cfg.embed, cfg.ray, run_dir, force=force)

@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mixray.config import IngestConfig, SourceConfig, section_hash
+from mixray.config import IngestConfig, RunConfig, SourceConfig, section_hash
 from mixray.errors import InputError
 from mixray.io.readers import read_source, resolve_path
 from mixray.io.rundir import file_sha256, fingerprint, is_complete, read_manifest, stage_run
@@ -203,3 +203,8 @@ def run_ingest(cfg: IngestConfig, run_dir: Path, force: bool = False) -> dict[st
                  total["in"], total["kept"], total["rejected"], dup_w.n,
                  " dropped" if cfg.drop_duplicates else " kept (ingest.drop_duplicates: false)")
     return read_manifest(stage_dir) | {"skipped": False}
+
+
+def stage(cfg: RunConfig, run_dir: Path, force: bool = False) -> dict:
+    """The ``ingest`` stage of ``mixray run`` (see ``mixray.stages.STAGES``)."""
+    return run_ingest(cfg.ingest, run_dir, force=force)

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mixray.config import RayConfig, ScoreConfig, section_hash
+from mixray.config import RayConfig, RunConfig, ScoreConfig, section_hash
 from mixray.errors import ConfigError, InputError
 from mixray.io.rundir import (
     fingerprint,
@@ -147,3 +147,8 @@ def run_score(cfg: ScoreConfig, ray_cfg: RayConfig, run_dir: Path, seed: int = 0
                  len(kept), len(rejected), time.time() - t0,
                  " (IFD is a model-based proxy, not a reward model)" if cfg.backend == "ifd" else "")
     return read_manifest(stage_dir) | {"skipped": False}
+
+
+def stage(cfg: RunConfig, run_dir: Path, force: bool = False) -> dict:
+    """The ``score`` stage of ``mixray run`` (see ``mixray.stages.STAGES``)."""
+    return run_score(cfg.score, cfg.ray, run_dir, seed=cfg.seed, force=force)
