@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mixray.errors import ConfigError
 
@@ -137,12 +137,14 @@ class RunConfig(_Strict):
     embed: EmbedConfig = EmbedConfig()
     score: ScoreConfig = ScoreConfig()
 
-    @model_validator(mode="after")
-    def _stage_order(self) -> RunConfig:
-        order = [STAGE_ORDER.index(s) for s in self.stages]
+    @field_validator("stages")
+    @classmethod
+    def _stage_order(cls, v: list[StageName]) -> list[StageName]:
+        # a field validator (not a model validator) so it is reported with every other problem
+        order = [STAGE_ORDER.index(s) for s in v]
         if order != sorted(set(order)):
             raise ValueError(f"stages must be unique and in the order {list(STAGE_ORDER)}")
-        return self
+        return v
 
 
 def section_hash(section: BaseModel | dict[str, Any]) -> str:

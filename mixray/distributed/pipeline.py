@@ -10,6 +10,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+
 from mixray.config import ActorPoolConfig
 from mixray.errors import InputError
 
@@ -37,6 +40,11 @@ def map_with_actors(ds, fn_cls: type, fn_kwargs: dict[str, Any], pool: ActorPool
     kwargs = dict(fn_kwargs)
     if num_gpus == 0:
         kwargs["threads"] = pool.threads or max(1, int(pool.num_cpus))
+    have_cpus = ray.cluster_resources().get("CPU", 0)
+    if pool.concurrency * pool.num_cpus > have_cpus:
+        log.warning("%s: %d actors x %s CPUs exceed the cluster's %s CPUs now; the pool waits "
+                    "for the autoscaler (lower %s.concurrency or %s.num_cpus on a fixed cluster)",
+                    setting, pool.concurrency, pool.num_cpus, have_cpus, setting, setting)
     log.info("%s: %d %s actor(s), %s CPU(s) each, batch %d", setting, pool.concurrency,
              "GPU" if num_gpus else "CPU", pool.num_cpus, pool.batch_size)
     return ds.map_batches(
@@ -50,11 +58,32 @@ def map_with_actors(ds, fn_cls: type, fn_kwargs: dict[str, Any], pool: ActorPool
     )
 
 
-def read_examples(path: str, columns: list[str], rows_per_block: int):
-    """The ingested examples as a Ray Data dataset, in blocks small enough to spread over actors."""
+def read_examples(path: str, columns: list[str], rows_per_block: int, rows=None):
+    """The ingested examples as a Ray Data dataset of ``rows_per_block``-row blocks, in file order.
+
+    Blocks are put into the object store from the driver, one slice at a time
+    (``ray.data.from_arrow_refs``), instead of ``ray.data.read_parquet``: Ray Data
+    starts actor pools before read tasks, so a pool that takes every CPU of the
+    cluster would starve the read and hang (ray-project/ray#44687; on a 2-core
+    laptop that is any pool of 2 one-CPU actors). The examples hold text only,
+    so the driver streams them through a bounded buffer. ``rows`` (sorted row
+    indices) selects a subset, e.g. a seeded sample.
+    """
+    import pyarrow.parquet as pq
     import ray
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # outputs in input order: reproducible files
-    ds = ray.data.read_parquet(path, columns=columns, num_cpus=0.25)
-    return ds.repartition(target_num_rows_per_block=rows_per_block)
+    pf = pq.ParquetFile(path)
+    refs, offset = [], 0
+    for batch in pf.iter_batches(batch_size=max(rows_per_block, 8192), columns=columns):
+        table, n = pa.Table.from_batches([batch]), batch.num_rows
+        if rows is not None:
+            lo, hi = np.searchsorted(rows, [offset, offset + n])
+            table = table.take(rows[lo:hi] - offset)
+        offset += n
+        for start in range(0, len(table), rows_per_block):
+            refs.append(ray.put(table.slice(start, rows_per_block)))
+    if not refs:
+        raise InputError(f"{path} has no rows")
+    return ray.data.from_arrow_refs(refs)

@@ -77,7 +77,6 @@ def _column_scores(cfg: ScoreConfig, examples: Path) -> pa.Table:
 
 
 def _model_scores(cfg: ScoreConfig, ray_cfg: RayConfig, examples: Path, seed: int) -> pa.Table:
-    import ray
 
     from mixray.distributed.pipeline import map_with_actors, read_examples
     from mixray.distributed.runtime import init_ray
@@ -86,12 +85,11 @@ def _model_scores(cfg: ScoreConfig, ray_cfg: RayConfig, examples: Path, seed: in
 
     init_ray(ray_cfg)
     resolve_model(cfg.model, "score.model")
+    rows = None
     if cfg.sample is not None:
-        t = pq.read_table(examples, columns=TEXT_COLUMNS)
-        take = np.sort(np.random.default_rng(seed).choice(len(t), min(cfg.sample, len(t)), replace=False))
-        ds = ray.data.from_arrow(t.take(take)).repartition(target_num_rows_per_block=cfg.batch_size)
-    else:
-        ds = read_examples(str(examples), TEXT_COLUMNS, cfg.batch_size)
+        n = pq.ParquetFile(examples).metadata.num_rows
+        rows = np.sort(np.random.default_rng(seed).choice(n, min(cfg.sample, n), replace=False))
+    ds = read_examples(str(examples), TEXT_COLUMNS, cfg.batch_size, rows=rows)
     kwargs = {"model_path": cfg.model, "max_length": cfg.max_length, "label_index": cfg.label_index,
               "trust_remote_code": cfg.trust_remote_code}
     out = map_with_actors(ds, SCORERS[cfg.backend], kwargs, cfg, "score")

@@ -1,0 +1,165 @@
+"""Ingestion: every format, every reject reason, in == kept + rejected, stable ids, skip/resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mixray.config import IngestConfig
+from mixray.errors import InputError
+from mixray.stages.ingest import EXAMPLES, REJECTS, run_ingest
+
+
+def _ingest(tmp_path: Path, sources: list[dict], **kw) -> tuple[dict, pa.Table, pa.Table]:
+    cfg = IngestConfig.model_validate({"sources": sources, **kw})
+    m = run_ingest(cfg, tmp_path / "run")
+    d = tmp_path / "run" / "ingest"
+    return m, pq.read_table(d / EXAMPLES), pq.read_table(d / REJECTS)
+
+
+@pytest.fixture
+def corrupted_jsonl(tmp_path: Path) -> Path:
+    """One good record and one of each kind of bad record, with a known line for each."""
+    lines = [
+        json.dumps({"id": "a", "instruction": "Name a colour.", "output": "Red."}),            # 1 ok
+        b'{"id": "b", "instruction": "cut off mid-way", "outp',                               # 2 unparseable
+        json.dumps({"id": "c", "instruction": 42, "output": "x"}),                            # 3 wrong type
+        json.dumps({"id": "d", "instruction": "Say nothing.", "output": ""}),                 # 4 empty
+        b'{"id": "e", "instruction": "caf\xe9 latin-1", "output": "x"}',                      # 5 invalid utf-8
+        json.dumps({"id": "a", "instruction": "Another.", "output": "Dup id."}),              # 6 duplicate id
+        json.dumps(["not", "an", "object"]),                                                  # 7 not an object
+        b"",                                                                                  # 8 blank: skipped
+        json.dumps({"id": "f", "output": "no instruction"}),                                  # 9 missing
+        json.dumps({"id": "g", "instruction": "Name a fruit.", "output": "Apple."}),          # 10 ok
+    ]
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(b"\n".join(x if isinstance(x, bytes) else x.encode() for x in lines) + b"\n")
+    return p
+
+
+def test_corrupted_jsonl_every_reason_nothing_lost(tmp_path, corrupted_jsonl):
+    m, ex, rj = _ingest(tmp_path, [{"name": "bad", "path": str(corrupted_jsonl),
+                                    "fields": {"id": "id"}}])
+    src = m["counts"]["sources"]["bad"]
+    assert src["in"] == 9 == src["kept"] + src["rejected"]
+    assert ex.column("id").to_pylist() == ["bad/a", "bad/g"]
+    by_line = {r["line"]: r for r in rj.to_pylist()}
+    assert {k: v["reason"] for k, v in by_line.items()} == {
+        2: "unparseable", 3: "wrong_type", 4: "empty_field", 5: "invalid_utf8",
+        6: "duplicate_id", 7: "not_an_object", 9: "missing_field"}
+    assert all(r["file"] == str(corrupted_jsonl) and r["source"] == "bad" for r in by_line.values())
+    assert "already used by record 1" in by_line[6]["detail"]
+    assert "cut off" in by_line[2]["raw"]
+    assert src["reasons"] == {"duplicate_id": 1, "empty_field": 1, "invalid_utf8": 1,
+                              "missing_field": 1, "not_an_object": 1, "unparseable": 1,
+                              "wrong_type": 1}
+
+
+def test_missing_file_is_named(tmp_path):
+    cfg = IngestConfig.model_validate({"sources": [
+        {"name": "gone", "path": str(tmp_path / "nope.jsonl")},
+        {"name": "gone2", "path": "pkg://no_such_package_xyz/data.json"}]})
+    with pytest.raises(InputError) as e:
+        run_ingest(cfg, tmp_path / "run")
+    assert "ingest.sources[gone].path" in str(e.value) and "nope.jsonl" in str(e.value)
+    assert "no_such_package_xyz" in str(e.value)
+
+
+def test_json_list_cut_off_keeps_complete_elements(tmp_path):
+    p = tmp_path / "cut.json"
+    good = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(3)]
+    p.write_text(json.dumps(good)[:-1] + ', {"instruction": "q3", "outp')
+    m, ex, rj = _ingest(tmp_path, [{"name": "cut", "path": str(p)}])
+    assert ex.column("instruction").to_pylist() == ["q0", "q1", "q2"]
+    assert rj.column("reason").to_pylist() == ["unparseable"]
+    assert m["counts"]["in"] == 4
+
+
+def test_csv_parquet_and_hf_dir(tmp_path):
+    import datasets
+
+    csv_p = tmp_path / "d.csv"
+    csv_p.write_text('question,answer\n"1+1?","2"\n"2+2?","4",extra\n"3+3?",""\n')
+    pq_p = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"instruction": ["a", "b", None], "input": ["", "x", ""],
+                             "output": ["A", "B", "C"]}), pq_p)
+    hf_p = tmp_path / "hf"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"prompt": ["p1", "p2"], "completion": ["c1", "c2"]})}).save_to_disk(str(hf_p))
+    m, ex, rj = _ingest(tmp_path, [
+        {"name": "csv", "path": str(csv_p), "fields": {"instruction": "question", "input": None,
+                                                       "output": "answer"}},
+        {"name": "pq", "path": str(pq_p)},
+        {"name": "hf", "path": str(hf_p), "fields": {"instruction": "prompt", "input": None,
+                                                     "output": "completion"}},
+    ])
+    s = m["counts"]["sources"]
+    assert (s["csv"]["kept"], s["csv"]["rejected"]) == (1, 2)
+    assert (s["pq"]["kept"], s["pq"]["rejected"]) == (2, 1)
+    assert (s["hf"]["kept"], s["hf"]["rejected"]) == (2, 0)
+    got = {(r["source"], r["reason"], r["line"], r["row"]) for r in rj.to_pylist()}
+    assert got == {("csv", "unparseable", 3, 2), ("csv", "empty_field", 4, 3),
+                   ("pq", "missing_field", None, 3)}
+    assert ex.filter(pa.compute.equal(ex["source"], "pq"))["input"].to_pylist() == ["", "x"]
+
+
+def test_ids_stable_across_runs_and_independent_of_other_records(tmp_path):
+    p1 = tmp_path / "one.jsonl"
+    recs = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(5)]
+    p1.write_text("\n".join(json.dumps(r) for r in recs))
+    p2 = tmp_path / "two.jsonl"  # same records, reversed, plus one more in front
+    p2.write_text("\n".join(json.dumps(r) for r in [{"instruction": "new", "output": "x"}] + recs[::-1]))
+    _, ex1, _ = _ingest(tmp_path / "r1", [{"name": "s", "path": str(p1)}])
+    _, ex2, _ = _ingest(tmp_path / "r2", [{"name": "s", "path": str(p2)}])
+    ids1 = dict(zip(ex1["instruction"].to_pylist(), ex1["id"].to_pylist(), strict=True))
+    ids2 = dict(zip(ex2["instruction"].to_pylist(), ex2["id"].to_pylist(), strict=True))
+    assert all(ids1[k] == ids2[k] for k in ids1)
+
+
+def test_exact_duplicates_reported_and_dropped_only_when_asked(tmp_path):
+    p = tmp_path / "d.jsonl"
+    r = {"instruction": "same", "output": "same"}
+    p.write_text("\n".join(json.dumps(x) for x in [r, {"instruction": "o", "output": "o"}, r]))
+    m, ex, rj = _ingest(tmp_path / "keep", [{"name": "s", "path": str(p)}])
+    assert len(ex) == 3 and m["counts"]["duplicates"] == 1 and len(rj) == 0
+    dup = pq.read_table(tmp_path / "keep" / "run" / "ingest" / "duplicates.parquet").to_pylist()
+    assert dup == [{"id": ex["id"][2].as_py(), "duplicate_of": ex["id"][0].as_py()}]
+    m, ex, rj = _ingest(tmp_path / "drop", [{"name": "s", "path": str(p)}], drop_duplicates=True)
+    assert len(ex) == 2 and rj.column("reason").to_pylist() == ["exact_duplicate"]
+    assert m["counts"]["in"] == m["counts"]["kept"] + m["counts"]["rejected"]
+
+
+def test_skip_when_unchanged_recompute_when_input_or_config_changes(tmp_path, corrupted_jsonl):
+    src = [{"name": "bad", "path": str(corrupted_jsonl), "fields": {"id": "id"}}]
+    cfg = IngestConfig.model_validate({"sources": src})
+    run = tmp_path / "run"
+    assert run_ingest(cfg, run)["skipped"] is False
+    assert run_ingest(cfg, run)["skipped"] is True
+    assert run_ingest(IngestConfig.model_validate({"sources": src, "drop_duplicates": True}),
+                      run)["skipped"] is False
+    with open(corrupted_jsonl, "a") as f:
+        f.write(json.dumps({"id": "z", "instruction": "new", "output": "new"}) + "\n")
+    m = run_ingest(IngestConfig.model_validate({"sources": src, "drop_duplicates": True}), run)
+    assert m["skipped"] is False and m["counts"]["kept"] == 3
+
+
+def test_real_mdit_tasks(shared_data, tmp_path):
+    """The three MDIT tasks from ../shared/data/train load with their own field maps."""
+    t = shared_data / "train"
+    m, ex, rj = _ingest(tmp_path, [
+        {"name": "alpaca", "path": str(t / "alpaca_en_demo.json"), "task": "general"},
+        {"name": "gsm8k", "path": str(t / "gsm8k_train.jsonl"), "task": "math",
+         "fields": {"instruction": "question", "input": None, "output": "answer"}},
+        {"name": "code_alpaca", "path": str(t / "code_alpaca_2k.json"), "task": "code"},
+    ])
+    s = m["counts"]["sources"]
+    assert (s["alpaca"]["in"], s["gsm8k"]["in"], s["code_alpaca"]["in"]) == (999, 7473, 2017)
+    for c in s.values():
+        assert c["in"] == c["kept"] + c["rejected"]
+    assert len(ex) + len(rj) == 999 + 7473 + 2017
+    assert len(set(ex["id"].to_pylist())) == len(ex)
+    assert set(ex["task"].to_pylist()) == {"general", "math", "code"}
