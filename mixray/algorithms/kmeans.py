@@ -14,7 +14,6 @@ The pieces, each a function of tensors (no Ray, no files, no config):
 - ``relocate_empty(sums, counts, points, old_labels)``: scikit-learn's rule — each
   empty cluster is re-seeded with one of the points farthest from their current
   centre (``farthest``), which is removed from its old cluster's sums.
-- ``inertia(X, C, labels) = Σ_i ‖x_i − c_{l(i)}‖²`` computed from differences (exact).
 - ``kmeans_plusplus(X, k, rng, weights)``: greedy k-means++ (Arthur & Vassilvitskii,
   with scikit-learn's ``2 + ⌊ln k⌋`` local trials), optionally weighted (k-means||).
 - ``run_lloyd(shards, C0, max_iter, tol)``: the Lloyd loop over a *shard set* —
@@ -81,17 +80,16 @@ def assign(
     x_sq = squared_norms(Xs) if x_sq is None else x_sq[row_start:row_stop]
     c_sq = squared_norms(C) if c_sq is None else c_sq
     k = C.shape[0]
-    best = torch.full((Xs.shape[0],), math.inf, dtype=X.dtype, device=X.device)
-    arg = torch.zeros(Xs.shape[0], dtype=torch.int64, device=X.device)
+    best = arg = None
     for s in range(0, k, centre_block):
         e = min(k, s + centre_block)
         # ‖c‖² − 2·x·c: ‖x‖² is constant per row, added once at the end.
         D = torch.addmm(c_sq[s:e], Xs, C[s:e].T, beta=1, alpha=-2)
         m, a = D.min(dim=1)
-        if s == 0:
+        if best is None:
             best, arg = m, a
         else:
-            better = m < best
+            better = m < best  # strict: ties stay with the earlier block (lower index)
             best = torch.where(better, m, best)
             arg = torch.where(better, a + s, arg)
     return arg, (best + x_sq).clamp_min_(0)
@@ -136,16 +134,6 @@ def relocate_empty(
         sums[e] = points[t]
         counts[e] = 1
     return empty[: points.shape[0]]
-
-
-def inertia(X: torch.Tensor, C: torch.Tensor, labels: torch.Tensor,
-            rows: int = 1 << 16) -> float:
-    """``Σ_i ‖x_i − c_{l(i)}‖²`` from differences (not the matmul expansion), in float64."""
-    total = 0.0
-    for s in range(0, X.shape[0], rows):
-        diff = X[s : s + rows] - C[labels[s : s + rows]]
-        total += float(torch.einsum("nd,nd->", diff, diff).double())
-    return total
 
 
 def tolerance(tol: float, centred_sq_sum: float, n: int, d: int) -> float:
@@ -218,7 +206,7 @@ class ShardSet(Protocol):
         ties by global index): ``(points [n,d], their labels [n])``."""
 
     def finish(self, centres: torch.Tensor, relabel: bool) -> float:
-        """Optionally re-assign against the final centres; return the exact inertia."""
+        """Optionally re-assign against the final centres; return the inertia."""
 
 
 @dataclass
@@ -295,9 +283,10 @@ class LocalShards:
         return self.X[idx].clone(), self.labels[idx].clone()
 
     def finish(self, centres: torch.Tensor, relabel: bool) -> float:
+        """Inertia ``Σ_i ‖x_i − c_{l(i)}‖²`` (float64 sum of the assignment's ``min_sq``)."""
         if relabel:
             self.assign_all(centres, with_sums=False)
-        return inertia(self.X, centres, self.labels)
+        return float(self.min_sq.double().sum())
 
 
 # --------------------------------------------------------------------------- facade

@@ -66,8 +66,8 @@ class KMeansShard:
     """
 
     def __init__(self, shard_id: int, threads: int | None = None,
-                 centre_block: int = DEFAULT_CENTRE_BLOCK):
-        if torch.cuda.is_available():
+                 centre_block: int = DEFAULT_CENTRE_BLOCK, use_gpu: bool = False):
+        if use_gpu and torch.cuda.is_available():
             self.device = torch.device("cuda")
         else:
             self.device = torch.device("cpu")
@@ -195,7 +195,8 @@ class DistributedKMeans:
     ``ray.put`` separately) or a list of shards (arrays or ``ObjectRef`` s of arrays,
     one per actor, in row order). Sets ``cluster_centers_ [k,d]``, ``labels_ [N]``,
     ``distances_ [N]`` (Euclidean distance to the own centre), ``inertia_``,
-    ``n_iter_``, ``converged_``, ``n_relocated_``, ``timings_`` (seconds per phase).
+    ``n_iter_``, ``converged_``, ``n_relocated_``, ``timings_`` (seconds per phase),
+    ``broadcasts_`` (centre broadcasts by the Lloyd loop: one per iteration).
     Ray must be initialised by the caller.
     """
 
@@ -234,6 +235,8 @@ class DistributedKMeans:
             return refs, self.dtype or "float32"
         X = as_matrix(data, "X", "cpu")
         check_k(self.n_clusters, X.shape[0])
+        if X.shape[0] < self.n_actors:
+            raise ValueError(f"{X.shape[0]} points cannot fill n_actors={self.n_actors} shards")
         Xn = X.numpy()
         refs = [ray.put(Xn[a:b]) for a, b in split_rows(X.shape[0], self.n_actors)]
         return refs, self.dtype or str(X.dtype).removeprefix("torch.")
@@ -243,7 +246,8 @@ class DistributedKMeans:
 
         actor_cls = ray.remote(KMeansShard).options(num_cpus=self.num_cpus, num_gpus=self.num_gpus)
         threads = self.threads or max(1, int(self.num_cpus))
-        self.actors = [actor_cls.remote(i, threads, self.centre_block) for i in range(self.n_actors)]
+        self.actors = [actor_cls.remote(i, threads, self.centre_block, self.num_gpus > 0)
+                       for i in range(self.n_actors)]
         self.work_dtype = getattr(torch, dtype)
         loaded = ray.get([a.load.remote(r, dtype) for a, r in zip(self.actors, refs, strict=True)])
         refs.clear()  # the object store may free the shards: the actors hold them now
@@ -334,9 +338,10 @@ class DistributedKMeans:
         self._check()
         t0 = time.perf_counter()
         refs, dtype = self._shards(data)
-        self._start(refs, dtype)
-        t1 = time.perf_counter()
+        self.actors = []
         try:
+            self._start(refs, dtype)
+            t1 = time.perf_counter()
             rng = np.random.default_rng(self.seed)
             C0 = torch.from_numpy(np.ascontiguousarray(self._initial(rng))).to(self.work_dtype)
             t2 = time.perf_counter()
@@ -355,7 +360,8 @@ class DistributedKMeans:
         self.inertia_, self.n_iter_ = res.inertia, res.n_iter
         self.converged_, self.n_relocated_ = res.converged, res.relocated
         self.timings_ = {"load": t1 - t0, "init": t2 - t1, "lloyd": t3 - t2,
-                         "per_iter": (t3 - t2) / res.n_iter, "broadcasts": shards.broadcasts}
+                         "per_iter": (t3 - t2) / res.n_iter}
+        self.broadcasts_ = shards.broadcasts
         log.info("kmeans: N=%d k=%d on %d actor(s): %d iterations (%s), inertia %.6g, "
                  "%.3f s/iteration", self.n, self.n_clusters, self.n_actors, res.n_iter,
                  res.converged, res.inertia, self.timings_["per_iter"])

@@ -270,7 +270,7 @@ def run_cluster(cfg: ClusterConfig, ray_cfg: RayConfig, run_dir: Path, seed: int
             "encoder": meta.get("mixray.encoder"), "dim": int(pool.V.shape[1]),
             "kmeans": {"n_clusters": m, "init": resolve_init(cfg.init, m), "actors": km.n_actors,
                        "n_iter": km.n_iter_, "converged": km.converged_, "inertia": km.inertia_,
-                       "relocated": km.n_relocated_,
+                       "relocated": km.n_relocated_, "broadcasts": km.broadcasts_,
                        "seconds": {k: round(float(v), 3) for k, v in km.timings_.items()}},
             "per_cluster": cfg.per_cluster if cfg.per_cluster is not None else cfg.budget // m,
             "kept_by_task": {t: task_col.count(t) for t in sorted(set(task_col))},
