@@ -154,7 +154,7 @@ class ClusterConfig(_Strict):
     n_clusters: int | None = Field(default=None, ge=1, description="m; null = budget (the paper's setting)")
     per_cluster: int | None = Field(default=None, ge=0,
                                     description="kept per cluster before the global fill; null = budget // m")
-    init: KMeansInit = Field(default="auto", description="auto = k-means|| for m <= 4096, else random")
+    init: KMeansInit = Field(default="auto", description="auto = k-means|| for m <= 1024, else random")
     max_iter: int = Field(default=100, ge=1)
     tol: float = Field(default=1e-4, ge=0, description="relative to the mean feature variance (as sklearn)")
     oversampling: float = Field(default=2.0, gt=0, description="k-means||: ℓ = oversampling · m per round")

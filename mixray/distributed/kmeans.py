@@ -113,6 +113,8 @@ class KMeansShard:
         rng = np.random.default_rng([seed, round_, self.shard_id])
         p = (ell * self.init_d.double() / phi).clamp_max_(1.0).cpu().numpy()
         keep = np.flatnonzero(rng.random(p.shape[0]) < p)
+        # a candidate is a centre: never drawn again (its float32 D(x)² may be noise, not 0)
+        self.init_d[torch.as_tensor(keep, device=self.device)] = 0
         return keep + self.offset, self.rows(keep)
 
     def candidate_counts(self, C: np.ndarray) -> np.ndarray:

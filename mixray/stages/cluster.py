@@ -59,7 +59,9 @@ STAGE = "cluster"
 SELECTION = "selection.parquet"
 CENTROIDS = "centroids.parquet"
 PLOT = "originals_vs_mixes.png"
-AUTO_KMEANS_PARALLEL_MAX_K = 4096  # init "auto": k-means|| up to this m, uniform random above
+# init "auto": k-means|| up to this m, uniform random above (the weighted k-means++ that ends
+# k-means|| costs O(m · M · log m · d) on the driver, M ≈ rounds · oversampling · m candidates)
+AUTO_KMEANS_PARALLEL_MAX_K = 1024
 SELECTION_SCHEMA = pa.schema([
     ("id", pa.string()), ("rank", pa.int64()), ("cluster", pa.int64()), ("dist", pa.float64()),
     ("is_mix", pa.bool_()), ("a_id", pa.string()), ("b_id", pa.string()), ("lam", pa.float64()),

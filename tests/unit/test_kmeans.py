@@ -190,6 +190,7 @@ def test_shard_kernel_without_ray():
     assert phi == pytest.approx(101.0)
     idx, pts = shard.sample(ell=1000.0, phi=phi, seed=0, round_=0)
     assert idx.tolist() == [101, 102]  # D(x)=0 is never sampled; global row indices
+    assert shard.sample(ell=1000.0, phi=phi, seed=0, round_=1)[0].tolist() == []  # nor twice
     assert shard.candidate_counts(np.array([[0.0], [10.0]])).tolist() == [2, 1]
 
 
