@@ -33,6 +33,7 @@ are recomputed once against the final centres.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -44,6 +45,7 @@ INIT_NAMES: tuple[str, ...] = ("k-means++", "random")
 # A distance block holds at most this many entries (rows × centres): 8 MB in float32.
 BLOCK_ELEMENTS = 1 << 21
 DEFAULT_CENTRE_BLOCK = 4096
+PARALLEL_MIN_ROWS = 1 << 15  # LocalShards: below this, one thread (torch's own parallelism)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -260,34 +262,72 @@ def run_lloyd(shards: ShardSet, centres: torch.Tensor, *, max_iter: int, tol: fl
 
 
 class LocalShards:
-    """One shard holding every point in this process (CPU or one GPU)."""
+    """Every point in this process (CPU or one GPU): the single-process ``ShardSet``.
 
-    def __init__(self, X: torch.Tensor, centre_block: int = DEFAULT_CENTRE_BLOCK):
+    On CPU the rows are split into ``workers`` contiguous ranges (default: torch's
+    thread count), each handled by one thread running single-threaded torch ops
+    (assign + partial sums of its chunks), and the per-range sums are added in a
+    fixed order. This is scikit-learn's layout (a chunk's assignment and its sums
+    are done together, by one thread, while the chunk is in cache) and it has one
+    synchronisation per iteration instead of one per tensor op, which matters when
+    other processes compete for the cores. On a GPU one stream does it all; with
+    fewer than ``PARALLEL_MIN_ROWS`` rows (default ``workers``) one thread does it.
+    """
+
+    def __init__(self, X: torch.Tensor, centre_block: int = DEFAULT_CENTRE_BLOCK,
+                 workers: int | None = None):
         self.X, self.centre_block = X, centre_block
         self.x_sq = squared_norms(X)
         self.labels = torch.full((X.shape[0],), -1, dtype=torch.int64, device=X.device)
         self.min_sq = torch.zeros(X.shape[0], dtype=X.dtype, device=X.device)
+        if workers is None:  # threads pay off from a few tens of thousands of rows
+            workers = torch.get_num_threads() if X.shape[0] >= PARALLEL_MIN_ROWS else 1
+        self.workers = 1 if X.device.type != "cpu" else max(1, min(workers, X.shape[0]))
 
     def _rows(self, k: int) -> int:
         return max(256, BLOCK_ELEMENTS // max(1, min(k, self.centre_block)))
 
-    def assign_all(self, centres: torch.Tensor, with_sums: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Assign every row (chunk by chunk), updating ``labels``/``min_sq``; fused M-step sums."""
-        k = centres.shape[0]
-        c_sq = squared_norms(centres)
+    def _assign_range(self, lo: int, hi: int, centres: torch.Tensor, c_sq: torch.Tensor,
+                      with_sums: bool, single_thread: bool) -> tuple[torch.Tensor | None, int]:
+        """Assign rows ``lo..hi-1`` chunk by chunk (labels/min_sq written in place); their sums."""
+        if single_thread:
+            torch.set_num_threads(1)
         sums = torch.zeros_like(centres) if with_sums else None
         changed = 0
-        rows = self._rows(k)
-        for s in range(0, self.X.shape[0], rows):
-            e = min(self.X.shape[0], s + rows)
+        rows = self._rows(centres.shape[0])
+        for s in range(lo, hi, rows):
+            e = min(hi, s + rows)
             lab, msq = assign(self.X, centres, x_sq=self.x_sq, c_sq=c_sq,
                               centre_block=self.centre_block, row_start=s, row_stop=e)
             changed += int((lab != self.labels[s:e]).sum())
             self.labels[s:e], self.min_sq[s:e] = lab, msq
             if sums is not None:
                 sums.index_add_(0, lab, self.X[s:e])
-        counts = torch.bincount(self.labels, minlength=k)
-        return sums, counts, changed
+        return sums, changed
+
+    def assign_all(self, centres: torch.Tensor, with_sums: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Assign every row, updating ``labels``/``min_sq``; with the M-step sums if asked."""
+        c_sq = squared_norms(centres)
+        n = self.X.shape[0]
+        if self.workers == 1:
+            parts = [self._assign_range(0, n, centres, c_sq, with_sums, False)]
+        else:
+            bounds = [round(n * i / self.workers) for i in range(self.workers + 1)]
+            prev = torch.get_num_threads()
+            try:
+                with ThreadPoolExecutor(self.workers) as ex:
+                    parts = list(ex.map(
+                        lambda i: self._assign_range(bounds[i], bounds[i + 1], centres, c_sq,
+                                                     with_sums, True), range(self.workers)))
+            finally:
+                torch.set_num_threads(prev)  # the workers' setting is process-wide for MKL
+        sums = None
+        if with_sums:
+            sums = parts[0][0]
+            for p in parts[1:]:
+                sums += p[0]
+        counts = torch.bincount(self.labels, minlength=centres.shape[0])
+        return sums, counts, sum(p[1] for p in parts)
 
     def step(self, centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         return self.assign_all(centres, with_sums=True)

@@ -9,6 +9,7 @@ from sklearn.cluster import KMeans as SKKMeans
 
 from mixray.algorithms.kmeans import (
     KMeans,
+    LocalShards,
     assign,
     farthest,
     inertia,
@@ -99,6 +100,18 @@ def test_fit_matches_sklearn_lloyd_with_the_same_initial_centres(block):
     np.testing.assert_allclose(km.transform(X[:50]), ref.transform(X[:50]), atol=1e-6)
     own = km.transform(X)[np.arange(len(X)), km.labels_]
     np.testing.assert_allclose(km.distances_, own, atol=1e-6)
+
+
+def test_threaded_shard_equals_one_thread():
+    X = torch.from_numpy(blobs(n=3000, seed=12))
+    C = X[:40].clone()
+    threads = torch.get_num_threads()
+    one, two = LocalShards(X, workers=1), LocalShards(X, workers=3)
+    s1, c1, ch1 = one.step(C)
+    s2, c2, ch2 = two.step(C)
+    assert torch.equal(one.labels, two.labels) and torch.equal(c1, c2) and ch1 == ch2 == 3000
+    assert torch.allclose(s1, s2, rtol=1e-12, atol=1e-9)
+    assert torch.get_num_threads() == threads  # the workers' single-thread setting is undone
 
 
 def test_float32_matches_sklearn_float32():
