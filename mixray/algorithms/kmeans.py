@@ -35,13 +35,13 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 import torch
 
 InitName = Literal["k-means++", "random"]
-INIT_NAMES: tuple[str, ...] = ("k-means++", "random")
+INIT_NAMES: tuple[str, ...] = get_args(InitName)
 # A distance block holds at most this many entries (rows × centres): 8 MB in float32.
 BLOCK_ELEMENTS = 1 << 21
 DEFAULT_CENTRE_BLOCK = 4096
@@ -98,9 +98,13 @@ def assign(
     return arg, (best + x_sq).clamp_min_(0)
 
 
-def partial_sums(X: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sums [k, d] = Σ_{i: l(i)=j} x_i``, ``counts [k] int64`` (the map side of the M-step)."""
-    sums = torch.zeros((k, X.shape[1]), dtype=X.dtype, device=X.device)
+def partial_sums(X: torch.Tensor, labels: torch.Tensor, k: int,
+                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sums [k, d] = Σ_{i: l(i)=j} x_i``, ``counts [k] int64`` (the map side of the M-step).
+
+    With ``out`` the sums are added into it (a running accumulator over chunks).
+    """
+    sums = torch.zeros((k, X.shape[1]), dtype=X.dtype, device=X.device) if out is None else out
     sums.index_add_(0, labels, X)
     return sums, torch.bincount(labels, minlength=k)
 
@@ -288,22 +292,28 @@ class LocalShards:
         return max(256, BLOCK_ELEMENTS // max(1, min(k, self.centre_block)))
 
     def _assign_range(self, lo: int, hi: int, centres: torch.Tensor, c_sq: torch.Tensor,
-                      with_sums: bool, single_thread: bool) -> tuple[torch.Tensor | None, int]:
-        """Assign rows ``lo..hi-1`` chunk by chunk (labels/min_sq written in place); their sums."""
+                      with_sums: bool, single_thread: bool) -> tuple:
+        """Assign rows ``lo..hi-1`` chunk by chunk (labels/min_sq written in place).
+
+        Returns ``(sums [k,d], counts [k], changed)`` of the range (sums/counts None
+        unless ``with_sums``).
+        """
         if single_thread:
             torch.set_num_threads(1)
+        k = centres.shape[0]
         sums = torch.zeros_like(centres) if with_sums else None
+        counts = torch.zeros(k, dtype=torch.int64, device=centres.device) if with_sums else None
         changed = 0
-        rows = self._rows(centres.shape[0])
+        rows = self._rows(k)
         for s in range(lo, hi, rows):
             e = min(hi, s + rows)
             lab, msq = assign(self.X, centres, x_sq=self.x_sq, c_sq=c_sq,
                               centre_block=self.centre_block, row_start=s, row_stop=e)
             changed += int((lab != self.labels[s:e]).sum())
             self.labels[s:e], self.min_sq[s:e] = lab, msq
-            if sums is not None:
-                sums.index_add_(0, lab, self.X[s:e])
-        return sums, changed
+            if with_sums:
+                counts += partial_sums(self.X[s:e], lab, k, out=sums)[1]
+        return sums, counts, changed
 
     def assign_all(self, centres: torch.Tensor, with_sums: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Assign every row, updating ``labels``/``min_sq``; with the M-step sums if asked."""
@@ -321,13 +331,11 @@ class LocalShards:
                                                      with_sums, True), range(self.workers)))
             finally:
                 torch.set_num_threads(prev)  # the workers' setting is process-wide for MKL
-        sums = None
-        if with_sums:
-            sums = parts[0][0]
-            for p in parts[1:]:
-                sums += p[0]
-        counts = torch.bincount(self.labels, minlength=centres.shape[0])
-        return sums, counts, sum(p[1] for p in parts)
+        sums, counts = parts[0][0], parts[0][1]
+        for p in parts[1:] if with_sums else ():
+            sums += p[0]
+            counts += p[1]
+        return sums, counts, sum(p[2] for p in parts)
 
     def step(self, centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         return self.assign_all(centres, with_sums=True)
@@ -361,7 +369,8 @@ def as_matrix(X, name: str = "X", device: torch.device | str | None = None) -> t
     if t.shape[0] == 0 or t.shape[1] == 0:
         raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
     t = t.to(dtype=work_dtype(t.dtype), device=device if device is not None else t.device)
-    if not bool(torch.isfinite(t).all()):
+    # one reduction: a NaN/inf makes the sum non-finite (an overflow too: then look closer)
+    if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
     return t.contiguous()
 
@@ -401,7 +410,7 @@ class KMeans:
     matches ``sklearn.cluster.KMeans(algorithm="lloyd", n_init=1)``.
     """
 
-    def __init__(self, n_clusters: int = 8, *, init: str | np.ndarray = "k-means++",
+    def __init__(self, n_clusters: int = 8, *, init: InitName | np.ndarray = "k-means++",
                  max_iter: int = 300, tol: float = 1e-4, seed: int = 0,
                  device: str | torch.device | None = None,
                  centre_block: int = DEFAULT_CENTRE_BLOCK):

@@ -10,6 +10,7 @@ from sklearn.cluster import KMeans as SKKMeans
 from mixray.algorithms.kmeans import (
     KMeans,
     LocalShards,
+    as_matrix,
     assign,
     farthest,
     inertia,
@@ -192,6 +193,14 @@ def test_seeded_inits_are_reproducible():
 def test_bad_input_is_rejected_at_the_boundary(X, kw, match):
     with pytest.raises(ValueError, match=match):
         KMeans(**kw).fit(X)
+
+
+def test_large_finite_values_pass_the_fast_finiteness_check():
+    X = np.full((3, 2), 3e38, dtype=np.float32)  # the float32 sum overflows; the values are fine
+    assert as_matrix(X).shape == (3, 2)
+    X[1, 1] = np.inf
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        as_matrix(X)
 
 
 def test_predict_checks_the_width():
