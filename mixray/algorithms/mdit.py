@@ -96,12 +96,17 @@ def check_plan_inputs(tasks: np.ndarray, lengths: np.ndarray, pairs: list[tuple[
         if frozenset((a, b)) in seen:
             raise ValueError(f"task pair ({a}, {b}) is listed twice")
         seen.add(frozenset((a, b)))
-    usable = lengths <= max_length if max_length is not None else np.ones(len(lengths), bool)
+    usable = usable_examples(lengths, max_length)
     for t in sorted({t for p in pairs for t in p}):
         if not usable[tasks == t].any():
             raise ValueError(f"task {t!r} has no examples in any usable bucket: all "
                              f"{int((tasks == t).sum())} are longer than max_length={max_length} tokens")
     return [tuple(p) for p in pairs]
+
+
+def usable_examples(lengths: np.ndarray, max_length: int | None) -> np.ndarray:
+    """``[N]`` bool: the examples that may be mixed (input no longer than ``max_length``)."""
+    return lengths <= max_length if max_length is not None else np.ones(len(lengths), bool)
 
 
 def _pair_rng(seed: int, a: str, b: str) -> np.random.Generator:
@@ -181,7 +186,7 @@ def plan_mixes(tasks: Sequence[str], lengths: Sequence[int], *,
     pairs = check_plan_inputs(tasks, lengths, pairs, alpha, mixes_per_pair, bucket_width,
                               max_length, max_bucket_gap)
     bucket = lengths // bucket_width
-    usable = lengths <= max_length if max_length is not None else np.ones(len(lengths), bool)
+    usable = usable_examples(lengths, max_length)
     cols: dict[str, list] = {k: [] for k in ("a", "b", "lam", "pair", "round")}
     for p, (ta, tb) in enumerate(pairs):
         rng = _pair_rng(seed, ta, tb)
