@@ -26,8 +26,10 @@ SourceFormat = Literal["auto", "jsonl", "json", "parquet", "csv", "hf"]
 EncoderKind = Literal["sentence-transformers", "lm-embedding", "lm-last-hidden"]
 EmbedText = Literal["instruction", "full", "output"]
 ScoreBackend = Literal["ifd", "reward-model", "column"]
-StageName = Literal["ingest", "embed", "score"]
-STAGE_ORDER: tuple[StageName, ...] = ("ingest", "embed", "score")
+KMeansInit = Literal["auto", "k-means||", "k-means++", "random"]
+ClusterPlot = Literal["tsne", "pca", "none"]
+StageName = Literal["ingest", "embed", "score", "mix", "cluster"]
+STAGE_ORDER: tuple[StageName, ...] = ("ingest", "embed", "score", "mix", "cluster")
 
 
 class _Strict(BaseModel):
@@ -128,6 +130,45 @@ class ScoreConfig(ActorPoolConfig):
     trust_remote_code: bool = False
 
 
+class MixConfig(_Strict):
+    """MDIT's mix plan: cross-task pairs of similar input length, λ ~ Beta(α, α) (docs/mdit.md)."""
+
+    model: str = Field(default="SmolLM2-135M-Instruct",
+                       description="tokenizer for input token lengths (the model to be tuned)")
+    pairs: list[tuple[str, str]] | None = Field(
+        default=None, description="task pairs to mix, e.g. [[alpaca, gsm8k]]; null = all pairs")
+    alpha: float = Field(default=8.0, gt=0, description="λ ~ Beta(alpha, alpha); paper: 8 (best in ablation: 4)")
+    mixes_per_pair: int = Field(default=1, ge=1,
+                                description="T: mixes per example and partner task (paper: T <= 2)")
+    bucket_width: int = Field(default=32, ge=1, description="input-length bucket width, tokens")
+    max_length: int | None = Field(default=None, ge=1,
+                                   description="examples with longer inputs (tokens) are not mixed")
+    max_bucket_gap: int | None = Field(
+        default=None, ge=0, description="farthest bucket a partner may come from; null = nearest free")
+
+
+class ClusterConfig(_Strict):
+    """MDIT's selection: KMeans on originals ∪ mixes over Ray actors, nearest-to-centroid (docs/mdit.md)."""
+
+    budget: int = Field(default=1000, ge=1, description="number of points to keep")
+    n_clusters: int | None = Field(default=None, ge=1, description="m; null = budget (the paper's setting)")
+    per_cluster: int | None = Field(default=None, ge=0,
+                                    description="kept per cluster before the global fill; null = budget // m")
+    init: KMeansInit = Field(default="auto", description="auto = k-means|| for m <= 1024, else random")
+    max_iter: int = Field(default=100, ge=1)
+    tol: float = Field(default=1e-4, ge=0, description="relative to the mean feature variance (as sklearn)")
+    oversampling: float = Field(default=2.0, gt=0, description="k-means||: ℓ = oversampling · m per round")
+    init_rounds: int = Field(default=5, ge=1, description="k-means|| rounds")
+    actors: int = Field(default=2, ge=1, description="Ray actors holding shards of the points")
+    num_cpus: float = Field(default=1, gt=0, description="CPUs reserved per actor")
+    num_gpus: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
+        default="auto", description="GPUs per actor; auto = 1 when the cluster has GPUs, else 0")
+    threads: int | None = Field(default=None, ge=1, description="torch threads per CPU actor; default num_cpus")
+    centre_block: int = Field(default=4096, ge=1, description="centres per distance block (memory)")
+    plot: ClusterPlot = Field(default="tsne", description="2-D map of originals vs mixes (PNG)")
+    plot_sample: int = Field(default=2000, ge=10, description="points drawn for the plot")
+
+
 class RunConfig(_Strict):
     run_dir: str = "runs/default"
     seed: int = 0
@@ -136,6 +177,8 @@ class RunConfig(_Strict):
     ingest: IngestConfig
     embed: EmbedConfig = EmbedConfig()
     score: ScoreConfig = ScoreConfig()
+    mix: MixConfig = MixConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     @field_validator("stages")
     @classmethod
