@@ -74,15 +74,17 @@ def test_embed_real_minilm_matches_single_process(run):
 def test_embed_skips_when_unchanged_and_recomputes_on_change(run, shared_data):
     cfg, run_dir, _ = run
     before = (run_dir / "embed" / "embeddings.parquet").stat().st_mtime_ns
+    _, emb_instruction, _ = read_embeddings(run_dir / "embed" / "embeddings.parquet")
     assert run_stage("embed", cfg, run_dir)["skipped"] is True
     assert (run_dir / "embed" / "embeddings.parquet").stat().st_mtime_ns == before
-    cfg2 = _cfg(run_dir, shared_data, embed={"text": "full", "concurrency": 1})
+    cfg2 = _cfg(run_dir, shared_data, embed={"text": "output", "concurrency": 1, "threads": 2})
     m = run_stage("embed", cfg2, run_dir)
     assert m["skipped"] is False
     assert json.loads((run_dir / "embed" / "manifest.json").read_text())["config_hash"] != ""
-    _, emb_full, meta = read_embeddings(run_dir / "embed" / "embeddings.parquet")
-    assert meta["mixray.text"] == "full"
-    assert run_stage("embed", cfg, run_dir)["skipped"] is False  # back: recomputed again
+    _, emb_output, meta = read_embeddings(run_dir / "embed" / "embeddings.parquet")
+    assert meta["mixray.text"] == "output"
+    assert emb_output.shape == emb_instruction.shape
+    assert not np.allclose(emb_output, emb_instruction, atol=1e-2)
 
 
 def test_lm_encoders_on_tiny_model(run, shared_data, tiny_lm_dir, tmp_path):
