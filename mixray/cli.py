@@ -66,6 +66,7 @@ def _validate(cfg) -> list[str]:
         problems.append(str(e))
     checks = [("embed.model", cfg.embed.model, "embed" in cfg.stages)]
     checks.append(("score.model", cfg.score.model, "score" in cfg.stages and cfg.score.backend != "column"))
+    checks.append(("train.model", cfg.train.model, "train" in cfg.stages))
     for setting, name, used in checks:
         if used:
             try:

@@ -31,6 +31,7 @@ from mixray.algorithms.ifd import IGNORE_INDEX
 __all__ = [
     "IGNORE_INDEX",
     "default_chunk_rows",
+    "mdit_loss",
     "mix_embeddings",
     "mixed_rows_cross_entropy",
     "mixup_cross_entropy",
@@ -221,18 +222,40 @@ def mixup_cross_entropy(
     V-wide target tensor. An original example is ``λ = 1`` with ``targets_b`` all
     ignored: its loss is plain NTP. Symmetric: ``(a, b, λ) ≡ (b, a, 1−λ)``.
     """
+    return mdit_loss(logits, targets_a, targets_b, lam, None, normalizer, chunk_rows)[0]
+
+
+def mdit_loss(
+    logits: torch.Tensor,
+    targets_a: torch.Tensor,
+    targets_b: torch.Tensor,
+    lam: torch.Tensor,
+    is_mix: torch.Tensor | None = None,
+    normalizer=None,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``mixup_cross_entropy`` split by row kind: ``(total, originals' part, mixes' part)``.
+
+    Same shapes and equation as ``mixup_cross_entropy``; ``is_mix [B]`` (bool)
+    says which rows are mixed samples. Both parts share the normalizer, so
+    ``total = originals + mixes``.
+    """
     B, T, V = logits.shape
     fa, fb = targets_a.reshape(-1), targets_b.reshape(-1)
-    lam_t = lam.to(torch.promote_types(lam.dtype, torch.float32))[:, None].expand(B, T).reshape(-1)
-    va, vb = fa != IGNORE_INDEX, fb != IGNORE_INDEX
-    wa = torch.where(va, lam_t, torch.zeros_like(lam_t))
-    wb = torch.where(vb, 1 - lam_t, torch.zeros_like(lam_t))
+    ftype = torch.promote_types(lam.dtype, torch.float32)
+    lam_t = lam.to(ftype)[:, None].expand(B, T).reshape(-1)
+    wa = torch.where(fa != IGNORE_INDEX, lam_t, torch.zeros_like(lam_t))
+    wb = torch.where(fb != IGNORE_INDEX, 1 - lam_t, torch.zeros_like(lam_t))
     rows = ((wa > 0) | (wb > 0)).nonzero().squeeze(1)
-    norm = _as_normalizer(normalizer, mixup_target_mass(targets_a, targets_b, lam.to(lam_t.dtype)))
-    return mixed_rows_cross_entropy(
+    norm = _as_normalizer(normalizer, mixup_target_mass(targets_a, targets_b, lam.to(ftype)))
+    mix_row = torch.zeros(B, dtype=torch.bool, device=logits.device) if is_mix is None else is_mix.bool()
+    group = mix_row[:, None].expand(B, T).reshape(-1)[rows].long()
+    parts = mixed_rows_cross_entropy(
         logits.reshape(B * T, V), rows, fa[rows].clamp_min(0), wa[rows] / norm,
-        targets_b=fb[rows].clamp_min(0), weight_b=wb[rows] / norm, chunk_rows=chunk_rows,
-    )[0]
+        targets_b=fb[rows].clamp_min(0), weight_b=wb[rows] / norm, group=group, n_groups=2,
+        chunk_rows=chunk_rows,
+    )
+    return parts.sum(), parts[0], parts[1]
 
 
 def sftmix_pair_positions(

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from mixray.algorithms.losses import (
     IGNORE_INDEX,
+    mdit_loss,
     mix_embeddings,
     mixed_rows_cross_entropy,
     mixup_cross_entropy,
@@ -223,3 +224,17 @@ def test_kernel_rejects_inconsistent_arguments():
         mixed_rows_cross_entropy(x, torch.tensor([0]), torch.tensor([1]), torch.ones(1), rows_b=torch.tensor([1]))
     with pytest.raises(ValueError, match="targets_b and weight_b"):
         mixed_rows_cross_entropy(x, torch.tensor([0]), torch.tensor([1]), torch.ones(1), targets_b=torch.tensor([1]))
+
+
+def test_mdit_loss_splits_originals_and_mixes():
+    gen = torch.Generator().manual_seed(10)
+    logits = torch.randn(4, 9, 13, generator=gen)
+    ta, tb = _targets(4, 9, 13, gen), _targets(4, 9, 13, gen)
+    tb[:2] = IGN
+    lam = torch.tensor([1.0, 1.0, 0.3, 0.6])
+    is_mix = torch.tensor([False, False, True, True])
+    total, orig, mix = mdit_loss(logits, ta, tb, lam, is_mix)
+    torch.testing.assert_close(total, mixup_cross_entropy(logits, ta, tb, lam))
+    torch.testing.assert_close(orig + mix, total)
+    mass = mixup_target_mass(ta, tb, lam)
+    torch.testing.assert_close(orig, ntp_loss(logits[:2], ta[:2], normalizer=mass))
