@@ -240,7 +240,7 @@ class TrainConfig(_Strict):
     max_failures: int = Field(default=1, ge=0, description="worker-group restarts, each from the last checkpoint")
     log_every: int = Field(default=1, ge=1, description="report metrics every n optimizer steps")
     loss_chunk_rows: int | None = Field(
-        default=None, ge=1, description="logit rows per V-wide loss chunk; null: ~256 MB worth")
+        default=None, ge=1, description="logit rows per V-wide loss chunk; null: 64 MB of float32 per chunk")
     tokenize_workers: int = Field(default=1, ge=1, description="Ray Data actors that tokenize")
     fault_injection: FaultInjection = FaultInjection()
 

@@ -14,12 +14,15 @@ Conventions (every function here):
   gradient as micro-batch 4 × accumulation 1. Both SFTMix terms are token means,
   so μ keeps its meaning whatever the batch size or response lengths.
 
-All V-wide work runs through ``mixed_rows_cross_entropy``: a chunked
-cross-entropy over selected logit rows that never materialises a V-wide soft
-target, a second ``[B, T, V]`` logits tensor, or a ``log_softmax`` copy. Its
-backward recomputes each chunk and writes one gradient buffer, so peak memory
-is ``logits + grad(logits) + one chunk`` whichever loss is used (a 128K
-vocabulary does not double it).
+All V-wide work runs through ``mixed_rows_cross_entropy``: a cross-entropy
+over selected logit rows that never materialises a V-wide soft target, a
+second ``[B, T, V]`` logits tensor, or a ``log_softmax`` copy. It reads each
+response as a view of the logits, computes the loss and its gradient in one
+pass per chunk (one ``exp`` per element, against two for ``log_softmax`` +
+its backward), and writes the gradient into the one ``[B, T, V]`` buffer that
+backward needs anyway; mixed rows go through one 64 MB workspace. Peak memory is
+``logits + grad(logits) + 64 MB`` whichever loss is used: SFTMix's Mixup term
+and a 128K vocabulary do not double it (benchmarks/bench_train.py measures it).
 """
 
 from __future__ import annotations
@@ -43,11 +46,11 @@ __all__ = [
     "token_count",
 ]
 
-_CHUNK_ELEMENTS = 1 << 26  # 64 M float32 = 256 MB of V-wide temporaries per chunk
+_CHUNK_ELEMENTS = 1 << 24  # 16 M float32 = 64 MB: the V-wide workspace of one chunk
 
 
 def default_chunk_rows(vocab_size: int) -> int:
-    """Logit rows per chunk so one chunk's ``[rows, V]`` float32 temporaries stay ≈256 MB."""
+    """Logit rows per chunk so one ``[rows, V]`` float32 chunk buffer is ≈64 MB."""
     return max(1, _CHUNK_ELEMENTS // max(1, vocab_size))
 
 
@@ -67,61 +70,139 @@ def token_count(targets: torch.Tensor) -> torch.Tensor:
 
 
 class _MixedRowsCE(torch.autograd.Function):
-    """Sum over terms m of ``w_a[m]·CE(z̃_m, t_a[m]) + w_b[m]·CE(z̃_m, t_b[m])`` per group.
+    """``total = Σ_m coef[g_m]·[w_a[m]·CE(z̃_m, t_a[m]) + w_b[m]·CE(z̃_m, t_b[m])]`` and per-group parts.
 
     ``z̃_m = α_m·z[rows_a[m]] + (1−α_m)·z[rows_b[m]]`` (just ``z[rows_a[m]]`` when
-    ``rows_b`` is None). Forward and backward run over chunks of terms; backward
-    recomputes the chunk and accumulates into one ``[R, V]`` gradient.
+    ``rows_b`` is None). The terms are cut into *segments*: runs of consecutive
+    logit rows (a response is one run) with one α and group, at most ``chunk``
+    long; a segment's rows are read as a view of the logits, never gathered.
+
+    The gradient is computed in the same pass as the loss (the loss is the last
+    op of the graph, so backward only scales it by the incoming gradient):
+    per segment, ``softmax(z̃)·(w_a + w_b) − w_a·e_{t_a} − w_b·e_{t_b}`` is
+    written straight into the ``[R, V]`` gradient (unmixed rows not yet touched)
+    or into a ``[chunk, V]`` workspace and added (mixed rows add α·g and
+    (1−α)·g to their two source rows). Without ``requires_grad`` only the loss
+    is computed.
     """
 
     @staticmethod
-    def forward(ctx, logits, rows_a, rows_b, alpha, t_a, t_b, w_a, w_b, group, n_groups, chunk):
+    def forward(ctx, logits, rows_a, rows_b, alpha, t_a, t_b, w_a, w_b, group, coef, n_groups, chunk):
         cdtype = torch.promote_types(logits.dtype, torch.float32)
-        out = torch.zeros(n_groups, dtype=cdtype, device=logits.device)
-        for s in range(0, rows_a.numel(), chunk):
-            sl = slice(s, s + chunk)
-            z = _mixed_chunk(logits, rows_a, rows_b, alpha, sl, cdtype)
-            lse = torch.logsumexp(z, dim=-1)
-            term = w_a[sl].to(cdtype) * (lse - z.gather(1, t_a[sl, None]).squeeze(1))
-            if t_b is not None:
-                term = term + w_b[sl].to(cdtype) * (lse - z.gather(1, t_b[sl, None]).squeeze(1))
-            out.index_add_(0, group[sl], term)
-        ctx.save_for_backward(logits, rows_a, rows_b, alpha, t_a, t_b, w_a, w_b, group)
-        ctx.chunk = chunk
-        return out
+        need_grad = ctx.needs_input_grad[0]
+        parts = torch.zeros(n_groups, dtype=cdtype, device=logits.device)
+        total = torch.zeros((), dtype=cdtype, device=logits.device)
+        grad = torch.empty_like(logits) if need_grad else None  # rows are zeroed as first touched
+        touched = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device) if need_grad else None
+        segs = _segments(rows_a, rows_b, alpha, group, chunk)
+        work = _workspace(segs, logits, cdtype)
+        coef_list = coef.double().tolist()
+        for s, e, ra, rb, a, g in segs:
+            n = e - s
+            direct = (need_grad and rb is None and logits.dtype == cdtype
+                      and not bool(touched[ra : ra + n].any()))
+            z = logits.narrow(0, ra, n)
+            if rb is not None:  # λ·z_a + (1−λ)·z_b = lerp(z_b, z_a, λ), one fused pass
+                zb = logits.narrow(0, rb, n)
+                if z.dtype == cdtype:
+                    z = torch.lerp(zb, z, a, out=work[:n])
+                else:
+                    z = torch.lerp(zb.to(cdtype), z.to(cdtype), a, out=work[:n])
+            elif z.dtype != cdtype:
+                z = work[:n].copy_(z)
+            wa = w_a[s:e].to(cdtype)
+            wb = w_b[s:e].to(cdtype) if t_b is not None else None
+            z_ta = z.gather(1, t_a[s:e, None]).squeeze(1)
+            z_tb = z.gather(1, t_b[s:e, None]).squeeze(1) if wb is not None else None
+            m = z.amax(dim=-1, keepdim=True)
+            buf = grad.narrow(0, ra, n) if direct else work[:n]
+            if buf.data_ptr() == z.data_ptr():
+                buf.sub_(m)
+            else:
+                torch.sub(z, m, out=buf)
+            sumexp = buf.exp_().sum(dim=-1)
+            lse = sumexp.log() + m.squeeze(1)
+            term = wa * (lse - z_ta) + (wb * (lse - z_tb) if wb is not None else 0)
+            parts.index_add_(0, group[s:e], term)
+            total += coef_list[g] * term.sum()
+            if not need_grad:
+                continue
+            c = coef_list[g]
+            wsum = wa + wb if wb is not None else wa
+            buf.mul_((c * wsum / sumexp)[:, None])  # exp(z − m)/Σexp = softmax
+            buf.scatter_add_(1, t_a[s:e, None], -c * wa[:, None])
+            if wb is not None:
+                buf.scatter_add_(1, t_b[s:e, None], -c * wb[:, None])
+            if not direct:
+                _zero_untouched(grad, touched, ra, n)
+                if rb is None:
+                    grad.narrow(0, ra, n).add_(buf)
+                else:
+                    _zero_untouched(grad, touched, rb, n)
+                    grad.narrow(0, ra, n).add_(buf, alpha=a)
+                    grad.narrow(0, rb, n).add_(buf, alpha=1 - a)
+                    touched[rb : rb + n] = True
+            touched[ra : ra + n] = True
+        if need_grad:  # rows no term touched (prompt, padding) have zero gradient
+            _zero_untouched(grad, touched, 0, logits.shape[0])
+        ctx.grad, ctx.scale = grad, 1.0
+        ctx.mark_non_differentiable(parts)
+        return total, parts
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        logits, rows_a, rows_b, alpha, t_a, t_b, w_a, w_b, group = ctx.saved_tensors
-        cdtype = torch.promote_types(logits.dtype, torch.float32)
-        grad = torch.zeros_like(logits)
-        g_term = grad_out.to(cdtype)[group]  # [M]: d total / d term
-        for s in range(0, rows_a.numel(), ctx.chunk):
-            sl = slice(s, s + ctx.chunk)
-            z = _mixed_chunk(logits, rows_a, rows_b, alpha, sl, cdtype)
-            wa = w_a[sl].to(cdtype) * g_term[sl]
-            wb = w_b[sl].to(cdtype) * g_term[sl] if t_b is not None else torch.zeros_like(wa)
-            # d/dz̃ [wa·CE(z̃, a) + wb·CE(z̃, b)] = (wa + wb)·softmax(z̃) − wa·e_a − wb·e_b
-            gz = torch.softmax(z, dim=-1).mul_((wa + wb)[:, None])
-            gz.scatter_add_(1, t_a[sl, None], -wa[:, None])
-            if t_b is not None:
-                gz.scatter_add_(1, t_b[sl, None], -wb[:, None])
-            if rows_b is None:
-                grad.index_add_(0, rows_a[sl], gz.to(grad.dtype))
-            else:
-                a = alpha[sl].to(cdtype)[:, None]
-                grad.index_add_(0, rows_a[sl], (a * gz).to(grad.dtype))
-                grad.index_add_(0, rows_b[sl], ((1 - a) * gz).to(grad.dtype))
-        return grad, None, None, None, None, None, None, None, None, None, None
+    def backward(ctx, g_total, g_parts):
+        # The precomputed gradient is for an incoming gradient of 1; scale it in place (no second
+        # [R, V] buffer). ctx keeps its reference, so autograd never adopts it as a leaf's .grad,
+        # and a repeated backward (retain_graph) rescales from the last scale.
+        grad, g = ctx.grad, float(g_total)
+        if grad is not None and g != ctx.scale:
+            if ctx.scale == 0.0:
+                raise RuntimeError("mixed_rows_cross_entropy: backward again after a zero gradient")
+            grad.mul_(g / ctx.scale)
+            ctx.scale = g
+        return grad, None, None, None, None, None, None, None, None, None, None, None
 
 
-def _mixed_chunk(logits, rows_a, rows_b, alpha, sl, cdtype):
-    z = logits.index_select(0, rows_a[sl]).to(cdtype)
-    if rows_b is None:
-        return z
-    a = alpha[sl].to(cdtype)[:, None]
-    return z.mul_(a).add_(logits.index_select(0, rows_b[sl]).to(cdtype) * (1 - a))
+def _zero_untouched(grad: torch.Tensor, touched: torch.Tensor, start: int, n: int) -> None:
+    """Zero the rows of ``grad[start:start+n]`` that no term has written yet (runs, not masks)."""
+    t = touched[start : start + n]
+    if bool(t.all()):
+        return
+    flip = torch.nonzero(t[1:] != t[:-1]).squeeze(1) + 1
+    edges = [0, *flip.tolist(), n]
+    first_untouched = not bool(t[0])
+    for i, (a, b) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+        if (i % 2 == 0) == first_untouched:
+            grad.narrow(0, start + a, b - a).zero_()
+
+
+def _segments(rows_a, rows_b, alpha, group, chunk) -> list[tuple[int, int, int, int | None, float, int]]:
+    """``(start, end, first row a, first row b | None, α, group)`` of runs of consecutive logit rows."""
+    m = rows_a.numel()
+    if m == 0:
+        return []
+    brk = torch.ones(m, dtype=torch.bool, device=rows_a.device)
+    same = (rows_a[1:] == rows_a[:-1] + 1) & (group[1:] == group[:-1])
+    if rows_b is not None:
+        same &= (rows_b[1:] == rows_b[:-1] + 1) & (alpha[1:] == alpha[:-1])
+    brk[1:] = ~same
+    starts = brk.nonzero().squeeze(1).tolist() + [m]
+    bounds = [(c, min(c + chunk, e)) for s, e in zip(starts[:-1], starts[1:], strict=True)
+              for c in range(s, e, chunk)]
+    first = torch.tensor([b[0] for b in bounds], device=rows_a.device)
+    ra = rows_a[first].tolist()
+    rb = rows_b[first].tolist() if rows_b is not None else [None] * len(bounds)
+    al = alpha[first].double().tolist() if rows_b is not None else [1.0] * len(bounds)
+    gr = group[first].tolist()
+    # a "mix" of a row with itself at α = 1 is the row: no mixing work for it
+    rb = [None if b == a and lam == 1.0 else b for a, b, lam in zip(ra, rb, al, strict=True)]
+    return [(s, e, a, b, lam, g) for (s, e), a, b, lam, g in zip(bounds, ra, rb, al, gr, strict=True)]
+
+
+def _workspace(segs, logits, cdtype) -> torch.Tensor:
+    rows = max((e - s for s, e, *_ in segs), default=0)
+    return torch.empty((rows, logits.shape[-1]), dtype=cdtype, device=logits.device)
 
 
 def mixed_rows_cross_entropy(
@@ -136,19 +217,23 @@ def mixed_rows_cross_entropy(
     weight_b: torch.Tensor | None = None,
     group: torch.Tensor | None = None,
     n_groups: int = 1,
+    coef=None,
     chunk_rows: int | None = None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The one V-wide kernel: weighted CE of (mixed) logit rows against one or two targets.
 
     Shapes: ``logits2d [R, V]``; per term m: ``rows_a, targets_a, weight_a [M]``;
     optional ``rows_b, alpha [M]`` (mix two logit rows), ``targets_b, weight_b [M]``
-    (a second target), ``group [M]`` in ``[0, n_groups)``. Returns ``[n_groups]``::
+    (a second target), ``group [M]`` in ``[0, n_groups)``, ``coef [n_groups]``
+    (default ones). Returns ``(total, parts [n_groups])``::
 
-        z̃_m   = alpha[m]·logits2d[rows_a[m]] + (1−alpha[m])·logits2d[rows_b[m]]   (or logits2d[rows_a[m]])
-        out[g] = Σ_{m: group[m]=g} weight_a[m]·CE(z̃_m, targets_a[m]) + weight_b[m]·CE(z̃_m, targets_b[m])
+        z̃_m      = alpha[m]·logits2d[rows_a[m]] + (1−alpha[m])·logits2d[rows_b[m]]   (or logits2d[rows_a[m]])
+        parts[g] = Σ_{m: group[m]=g} weight_a[m]·CE(z̃_m, targets_a[m]) + weight_b[m]·CE(z̃_m, targets_b[m])
+        total    = Σ_g coef[g]·parts[g]
 
-    with ``CE(z, y) = logsumexp(z) − z[y]``, computed in float32 (or float64) in
-    chunks of ``chunk_rows`` terms. Naive equivalent: build ``z̃ [M, V]``, take
+    with ``CE(z, y) = logsumexp(z) − z[y]`` in float32 (float64 for float64
+    logits), in chunks of ``chunk_rows`` terms. ``total`` carries the gradient;
+    ``parts`` are values for logging. Naive equivalent: build ``z̃ [M, V]``, take
     ``-log_softmax(z̃)`` and gather the targets. Targets must be valid indices
     (give ignored terms weight 0 or leave them out).
     """
@@ -159,9 +244,10 @@ def mixed_rows_cross_entropy(
     m = rows_a.numel()
     if group is None:
         group = torch.zeros(m, dtype=torch.long, device=rows_a.device)
+    coef = torch.ones(n_groups, dtype=torch.float64) if coef is None else torch.as_tensor(coef, dtype=torch.float64)
     chunk = chunk_rows or default_chunk_rows(logits2d.shape[-1])
     return _MixedRowsCE.apply(logits2d, rows_a, rows_b, alpha, targets_a, targets_b, weight_a,
-                              weight_b, group, n_groups, chunk)
+                              weight_b, group, coef, n_groups, chunk)
 
 
 def _as_normalizer(value, fallback: torch.Tensor) -> torch.Tensor:
@@ -250,12 +336,12 @@ def mdit_loss(
     norm = _as_normalizer(normalizer, mixup_target_mass(targets_a, targets_b, lam.to(ftype)))
     mix_row = torch.zeros(B, dtype=torch.bool, device=logits.device) if is_mix is None else is_mix.bool()
     group = mix_row[:, None].expand(B, T).reshape(-1)[rows].long()
-    parts = mixed_rows_cross_entropy(
+    total, parts = mixed_rows_cross_entropy(
         logits.reshape(B * T, V), rows, fa[rows].clamp_min(0), wa[rows] / norm,
         targets_b=fb[rows].clamp_min(0), weight_b=wb[rows] / norm, group=group, n_groups=2,
         chunk_rows=chunk_rows,
     )
-    return parts.sum(), parts[0], parts[1]
+    return total, parts[0], parts[1]
 
 
 def sftmix_pair_positions(
@@ -310,6 +396,7 @@ def sftmix_loss(
 
     Both are token means (normalizers default to this batch's counts). One
     fused, chunked kernel computes both terms; nothing V-wide is duplicated.
+    ``NTP`` and ``Mixup`` are values (no gradient); the total carries it.
     Naive equivalent: gather ``Z^c, Z^u [N', V]`` per pair, mix, and take
     ``-Σ Ỹ·log_softmax(Z̃)`` with ``Ỹ = λ·onehot(y^c) + (1−λ)·onehot(y^u)``.
     """
@@ -331,12 +418,11 @@ def sftmix_loss(
     w_a = torch.cat([torch.ones(k, dtype=ftype, device=dev) / n_ntp, lam_m / n_mix])
     w_b = torch.cat([torch.zeros(k, dtype=ftype, device=dev), (1 - lam_m) / n_mix])
     group = torch.cat([torch.zeros(k, dtype=torch.long, device=dev), torch.ones(m, dtype=torch.long, device=dev)])
-    parts = mixed_rows_cross_entropy(
+    total, parts = mixed_rows_cross_entropy(
         logits.reshape(B * T, V), rows_a, t_a, w_a, rows_b=rows_b, alpha=alpha, targets_b=t_b,
-        weight_b=w_b, group=group, n_groups=2, chunk_rows=chunk_rows,
+        weight_b=w_b, group=group, n_groups=2, coef=(1.0, mu), chunk_rows=chunk_rows,
     )
-    ntp, mix = parts[0], parts[1]
-    return ntp + mu * mix, ntp, mix
+    return total, parts[0], parts[1]
 
 
 def mix_embeddings(

@@ -42,7 +42,7 @@ LOOP_KEYS = (
     "log_dir", "export_dir", "merged_dir", "fault_step", "fault_rank",
 )
 METRIC_COLUMNS = ("step", "attempt", "epoch", "loss", "ntp", "mix", "lr", "grad_norm",
-                  "tokens", "tokens_per_s", "step_time_s", "examples")
+                  "tokens", "tokens_per_s", "step_time_s", "examples", "time")
 _STATE = "trainer_state.json"
 _DS_TAG = "state"
 
@@ -112,7 +112,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss_v, ntp_v, mix_v = (sums[:3] / world).tolist()
             metrics = {"step": step, "epoch": epoch, "loss": loss_v, "ntp": ntp_v, "mix": mix_v,
                        "lr": lr, "grad_norm": engine.grad_norm(), "tokens": int(sums[3]),
-                       "tokens_per_s": float(sums[3]) / dt, "step_time_s": dt, "examples": int(sums[4])}
+                       "tokens_per_s": float(sums[3]) / dt, "step_time_s": dt, "examples": int(sums[4]),
+                       "time": time.time()}
             if logger is not None:
                 logger.write(metrics)
             if config["fault_step"] == step and rank == config["fault_rank"]:

@@ -150,8 +150,12 @@ def test_sftmix_matches_naive_loop_and_ignores_positions_beyond_n_prime():
     torch.testing.assert_close(mix, ref_mix)
     torch.testing.assert_close(ntp, ref_ntp)
     torch.testing.assert_close(total, ref_ntp + 0.2 * ref_mix)
-    (g_mix,) = torch.autograd.grad(mix, logits, retain_graph=True)
+    # the Mixup term's gradient: d(NTP + 0.2·Mixup) − d(NTP + 0·Mixup) = 0.2·d Mixup
+    (g_02,) = torch.autograd.grad(total, logits)
+    (g_0,) = torch.autograd.grad(sftmix_loss(logits, targets, c, u, lam, mu=0.0)[0], logits)
+    g_mix = (g_02 - g_0) / 0.2
     torch.testing.assert_close(g_mix, torch.autograd.grad(ref_mix, logits)[0])
+    torch.testing.assert_close(g_0, torch.autograd.grad(ref_ntp, logits)[0])
     # conf row 0 position 4 and conf row 1 positions 4,5 are beyond N': no Mixup gradient
     assert g_mix[0, 4].abs().sum() == 0 and g_mix[1, 4:].abs().sum() == 0
     # ... and prompt positions get none either
@@ -186,12 +190,15 @@ def test_gradcheck_float64():
     x2 = torch.randn(10, V, generator=gen, dtype=torch.float64, requires_grad=True)
     kw = dict(rows_b=rows_b, alpha=torch.tensor([0.2, 1.0, 0.7, 0.5], dtype=torch.float64),
               targets_b=torch.tensor([1, 2, 3, 4]), weight_b=torch.tensor([0.5, 0.0, 0.3, 1.0], dtype=torch.float64),
-              group=torch.tensor([0, 1, 1, 0]), n_groups=2, chunk_rows=3)
+              group=torch.tensor([0, 1, 1, 0]), n_groups=2, coef=(1.0, 3.0), chunk_rows=3)
     w = torch.tensor([1.0, 0.5, 0.25, 2.0], dtype=torch.float64)
     tgt = torch.tensor([5, 0, 1, 2])
-    assert torch.autograd.gradcheck(
-        lambda x: mixed_rows_cross_entropy(x, rows_a, tgt, w, **kw) * torch.tensor([1.0, 3.0], dtype=torch.float64),
-        (x2,))
+    assert torch.autograd.gradcheck(lambda x: mixed_rows_cross_entropy(x, rows_a, tgt, w, **kw)[0], (x2,))
+    # a downstream scale reaches the kernel's backward as a non-unit incoming gradient
+    assert torch.autograd.gradcheck(lambda x: 2.5 * mixed_rows_cross_entropy(x, rows_a, tgt, w, **kw)[0], (x2,))
+    total, parts = mixed_rows_cross_entropy(x2, rows_a, tgt, w, **kw)
+    torch.testing.assert_close(total, parts[0] + 3.0 * parts[1])
+    assert not parts.requires_grad
 
 
 def test_bf16_logits_are_computed_in_float32():

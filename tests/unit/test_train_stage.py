@@ -152,9 +152,9 @@ def test_presets_fill_only_unset_keys():
 
 def test_metrics_curve_keeps_the_last_attempt_and_plots(tmp_path):
     p = tmp_path / "metrics.csv"
-    p.write_text("step,attempt,epoch,loss,ntp,mix,lr,grad_norm,tokens,tokens_per_s,step_time_s,examples\n"
-                 "1,0,0,3.0,3.0,0,1e-3,1,10,5,1,4\n2,0,0,2.5,2.5,0,1e-3,1,10,5,1,4\n3,0,0,2.2,2.2,0,1e-3,1,10,5,1,4\n"
-                 "3,1,0,2.1,2.1,0,1e-3,1,10,5,1,4\n4,1,0,2.0,2.0,0,1e-3,1,10,5,1,4\n")
+    p.write_text("step,attempt,epoch,loss,ntp,mix,lr,grad_norm,tokens,tokens_per_s,step_time_s,examples,time\n"
+                 "1,0,0,3.0,3.0,0,1e-3,1,10,5,1,4,0\n2,0,0,2.5,2.5,0,1e-3,1,10,5,1,4,0\n3,0,0,2.2,2.2,0,1e-3,1,10,5,1,4,0\n"
+                 "3,1,0,2.1,2.1,0,1e-3,1,10,5,1,4,0\n4,1,0,2.0,2.0,0,1e-3,1,10,5,1,4,0\n")
     m = read_metrics(p)
     assert [r["step"] for r in m] == [1, 2, 3, 4] and [r["loss"] for r in m] == [3.0, 2.5, 2.1, 2.0]
     out = tmp_path / "loss.png"
