@@ -19,12 +19,12 @@ same real data (Alpaca + GSM8K + CodeAlpaca from ../shared/data), CPU.
 3. Peak extra memory of the loss forward + backward on ``logits [2, 512,
    128256]`` (a Llama-3 vocabulary): mixray's NTP and SFTMix kernels vs
    ``F.cross_entropy`` (what HF models use) and a naive SFTMix (gather, mix,
-   ``log_softmax``), each in a fresh subprocess (ru_maxrss growth over the
-   logits).
+   ``log_softmax``), each in a fresh subprocess (peak RSS growth over the
+   logits, Linux ``/proc/self/status`` after resetting the peak).
 
 The SFTMix confidence split here is random: the benchmark measures speed, not
 model quality. Timings on a shared machine are noisy; the ratios come from one
-run. Prints the ratios and writes them to benchmarks/results/bench_train.json.
+run. Prints the ratios (``--json PATH`` also writes them to a file).
 """
 
 from __future__ import annotations
@@ -228,15 +228,22 @@ def hf_trainer_tps(model_dir: Path, tokens: pa.Table, loop: dict, steps: int, wa
 # ----------------------------------------------------------------------------- 3: loss memory
 
 _MEM_CODE = r"""
-import resource, sys, torch, torch.nn.functional as F
+import sys, torch, torch.nn.functional as F
 from mixray.algorithms.losses import ntp_loss, sftmix_loss
+
+def status(key):  # kB, from /proc/self/status
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+
 kind = sys.argv[1]
 B, T, V = 2, 512, 128256
 torch.manual_seed(0)
-logits = torch.randn(B, T, V, requires_grad=True)
+logits = torch.empty(B, T, V).normal_().requires_grad_()
 targets = torch.randint(0, V, (B, T)); targets[:, :128] = -100
 c, u, lam = torch.tensor([0]), torch.tensor([1]), torch.tensor([0.3])
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS (VmHWM) to the current RSS
+base = status("VmRSS")
 if kind == "ntp_mixray":
     loss = ntp_loss(logits, targets)
 elif kind == "ntp_torch":
@@ -251,8 +258,7 @@ else:  # naive SFTMix: gather response logits, mix, log_softmax over V, plus F.c
     mix = -(lam * lp.gather(1, targets[0, 128:128 + n, None]) + (1 - lam) * lp.gather(1, targets[1, 128:128 + n, None])).mean()
     loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-100) + 0.2 * mix
 loss.backward()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((peak - base) / 1024)  # MB above the logits
+print((status("VmHWM") - base) / 1024)  # MB above the logits at the peak of loss forward + backward
 """
 
 
@@ -274,6 +280,7 @@ def main(argv=None) -> int:
     p.add_argument("--micro", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = p.parse_args(argv)
     if not SHARED.is_dir():
         print(f"{SHARED} not found: the benchmark reads the real data in ../shared", file=sys.stderr)
@@ -313,9 +320,8 @@ def main(argv=None) -> int:
         results["loss_peak_extra_mb"] = mem | {"logits_mb": logits_mb}
         print(f"loss fwd+bwd peak memory above logits [2, 512, 128256] ({logits_mb:.0f} MB): "
               + ", ".join(f"{k} {v:.0f} MB ({v / logits_mb:.2f}x)" for k, v in mem.items()))
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_train.json").write_text(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
     return 0
 
 

@@ -4,6 +4,7 @@
     mixray ingest   CONFIG [overrides] [--force]    sources -> examples.parquet + rejects
     mixray embed    CONFIG [overrides] [--force]    examples -> embeddings.parquet (Ray Data)
     mixray score    CONFIG [overrides] [--force]    examples -> quality.parquet (Ray Data)
+    mixray train    CONFIG [overrides] [--force]    selection -> fine-tuned model (Ray Train + DeepSpeed)
     mixray run      CONFIG [overrides] [--force]    every stage listed in ``stages``, in order
 
 Heavy libraries (ray, torch, transformers) are imported inside the subcommands,

@@ -198,3 +198,19 @@ def test_cli_train_resumes_after_an_injected_fault(ray_session, run_dir, tiny_lm
     before = (out / "manifest.json").read_text()
     assert main(["train", str(config)]) == 0
     assert (out / "manifest.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_cpu_offload_zero2_optimizer_and_zero3_params(ray_session, run_dir, tiny_lm_dir, tmp_path):
+    """Optimizer states (ZeRO-2) and parameters (ZeRO-3) offloaded to CPU: DeepSpeed's CPU Adam.
+
+    Slow: DeepSpeed compiles its CPU Adam op on first use (1-2 min, then cached).
+    """
+    cfgs = {"z2_off": _cfg(tiny_lm_dir, deepspeed={"stage": 2, "offload_optimizer": True}),
+            "z3_off": _cfg(tiny_lm_dir, deepspeed={"stage": 3, "offload_optimizer": True, "offload_params": True})}
+    dirs = _train_many(run_dir, tmp_path, cfgs)
+    init = load_file(tiny_lm_dir / "model.safetensors")
+    for name, d in dirs.items():
+        _check_components(_curve(d), "ntp")
+        final = load_file(d / "model" / "model.safetensors")
+        assert not [k for k in init if torch.equal(init[k], final[k])], name

@@ -203,12 +203,16 @@ def test_gradcheck_float64():
 
 def test_bf16_logits_are_computed_in_float32():
     gen = torch.Generator().manual_seed(8)
-    logits = torch.randn(2, 6, 50, generator=gen)
-    t = _targets(2, 6, 50, gen)
-    ours = ntp_loss(logits.bfloat16(), t)
-    ref = F.cross_entropy(logits.bfloat16().float().reshape(-1, 50), t.reshape(-1), ignore_index=IGN)
+    logits = torch.randn(4, 6, 50, generator=gen).bfloat16().requires_grad_()
+    t = _targets(4, 6, 50, gen)
+    ours = sftmix_loss(logits, t, torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([0.3, 0.6]))[0]
+    up = logits.detach().float().requires_grad_()
+    ref = sftmix_loss(up, t, torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([0.3, 0.6]))[0]
     assert ours.dtype == torch.float32
-    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(ours, ref)  # same values: bf16 logits upcast chunk by chunk
+    (g,) = torch.autograd.grad(ours, logits)
+    assert g.dtype == torch.bfloat16
+    torch.testing.assert_close(g.float(), torch.autograd.grad(ref, up)[0], atol=1e-3, rtol=1e-2)
 
 
 def test_mix_embeddings_values_and_mask_union():
