@@ -140,6 +140,13 @@ def _worker_setup(config: dict[str, Any]):
     """Environment a worker needs before torch/deepspeed are used; returns the torch module."""
     import torch
 
+    try:  # Ray Train logs every report at INFO, one line per step and rank: keep our own log
+        from ray.train.v2._internal.execution import context as _ray_ctx
+
+        logging.getLogger(_ray_ctx.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
     if not torch.cuda.is_available():
         # DeepSpeed picks its accelerator at import: CPU when there is no GPU.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -401,10 +401,10 @@ def plot_loss_curves(metrics: list[dict[str, float]], out: Path, title: str) -> 
     steps = [m["step"] for m in metrics]
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 1))
     ax.plot(steps, [m["loss"] for m in metrics], label="loss", lw=2)
+    components = any(m["mix"] != 0 for m in metrics)  # ntp alone: its only component is the loss
     for key, label in (("ntp", "NTP / originals"), ("mix", "mix term")):
-        vals = [m[key] for m in metrics]
-        if any(v != 0 and not math.isnan(v) for v in vals):
-            ax.plot(steps, vals, label=label, lw=1)
+        if components:
+            ax.plot(steps, [m[key] for m in metrics], label=label, lw=1)
     ax.set_ylabel("loss (token mean)")
     ax.set_title(title)
     ax.legend()
