@@ -12,9 +12,10 @@
 
 Ray owns the workers, restarts them after a failure (``FailureConfig``) and
 stores checkpoints (``RunConfig(storage_path)``); the loop only saves and
-loads. Every setting arrives in ``config`` (keys: ``LOOP_KEYS``); nothing is
-read from globals, so the same function runs from ``mixray train``, a test or
-a notebook.
+loads. Every setting arrives in ``config`` (keys: ``LOOP_KEYS``), the DeepSpeed
+config too (``config["deepspeed"]["config"]``, from the pure
+``build_deepspeed_config``); nothing is read from globals, so the same function
+runs from ``mixray train``, a test or a notebook.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     device = _device()
     shard = _read_shard(ray.train.get_dataset_shard(f"{config['dataset_prefix']}{rank}"))
-    engine = _make_engine(config, world, device)
+    engine = _make_engine(config, device)
 
     step = 0
     ckpt = ray.train.get_checkpoint()
@@ -314,30 +315,23 @@ def _scheduler(config):
     return lambda opt: get_cosine_schedule_with_warmup(opt, config["warmup_steps"], config["total_steps"])
 
 
-def _make_engine(config: dict[str, Any], world: int, device):
-    return _DeepSpeedEngine(config, world, device) if config.get("deepspeed") else _DDPEngine(config, device)
+def _make_engine(config: dict[str, Any], device):
+    return _DeepSpeedEngine(config, device) if config.get("deepspeed") else _DDPEngine(config, device)
 
 
 class _DeepSpeedEngine:
-    """DeepSpeed ZeRO 0-3 (+ offload); a torch AdamW unless the optimizer is offloaded."""
+    """DeepSpeed ZeRO 0-3 (+ offload); a torch AdamW unless the config names an optimizer."""
 
-    def __init__(self, config, world, device):
+    def __init__(self, config, device):
+        import copy
+
         import deepspeed
         import torch
 
-        from mixray.distributed.deepspeed_config import build_deepspeed_config
-
-        ds = config["deepspeed"]
-        self.ds_config = build_deepspeed_config({
-            "zero_stage": ds["zero_stage"], "offload_optimizer": ds["offload_optimizer"],
-            "offload_params": ds["offload_params"], "template": ds.get("template"),
-            "precision": config["precision"], "micro_batch_size": config["micro_batch_size"],
-            "grad_accum": config["grad_accum"], "world_size": world,
-            "max_grad_norm": config["max_grad_norm"], "lr": config["lr"],
-            "weight_decay": config["weight_decay"], "adam_betas": config["adam_betas"],
-            "adam_eps": config["adam_eps"], "on_gpu": device.type == "cuda"})
         self.config = config
-        self.zero3 = ds["zero_stage"] == 3
+        # built on the driver by build_deepspeed_config (mixray.distributed.deepspeed_config)
+        self.ds_config = copy.deepcopy(config["deepspeed"]["config"])
+        self.zero3 = self.ds_config["zero_optimization"]["stage"] == 3
         # join DeepSpeed's comm to the process group Ray Train made (zero.Init reads its world size)
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
         model, self._hf_ds = _build_model(config, self.ds_config)

@@ -15,18 +15,12 @@ from __future__ import annotations
 import pyarrow as pa
 
 from mixray.algorithms.batching import truncate_pair
+from mixray.models.callables import _load_tokenizer as load_tokenizer  # pad token = EOS if unset
 from mixray.models.text import prompt_text
 
+__all__ = ["SFTEncoder", "encode_example", "load_tokenizer"]
+
 TOKEN_COLUMNS = ("ids_a", "prompt_a", "ids_b", "prompt_b", "truncated")
-
-
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def encode_example(tok, instruction: str, input_: str, output: str, max_length: int) -> tuple[list[int], int, bool]:

@@ -91,9 +91,8 @@ def resolve_data_source(cfg: TrainConfig, run_dir: Path) -> str:
     return "all"
 
 
-def _read_examples(path: Path, extra: list[str]) -> pa.Table:
-    names = pq.ParquetFile(path).schema_arrow.names
-    return pq.read_table(path, columns=["id", *_TEXT, *[c for c in extra if c in names]])
+def _read_examples(path: Path) -> pa.Table:
+    return pq.read_table(path, columns=["id", *_TEXT])
 
 
 def _take_ids(examples: pa.Table, ids: list[str], where: str) -> pa.Table:
@@ -219,7 +218,7 @@ def build_training_rows(cfg: TrainConfig, run_dir: Path) -> tuple[pa.Table, dict
     examples_path = run_dir / INGEST / EXAMPLES
     inputs = {"examples": output_hash(run_dir / INGEST, EXAMPLES)}
     source = resolve_data_source(cfg, run_dir)
-    examples = _read_examples(examples_path, [])
+    examples = _read_examples(examples_path)
     mixes: dict[str, list] | None = None
     if source == "all":
         originals = examples
@@ -437,6 +436,7 @@ class TrainingJob:
     resources: dict[str, float] = field(default_factory=dict)
     precision: str = "fp32"
     pad_id: int = 0
+    ds_config: dict | None = None  # what deepspeed.initialize reads (built by resolve_job)
 
     @property
     def fingerprint(self) -> str:
@@ -452,9 +452,7 @@ class TrainingJob:
         cfg = self.cfg
         ds = None
         if cfg.deepspeed.enabled:
-            ds = {"zero_stage": cfg.deepspeed.stage, "offload_optimizer": cfg.deepspeed.offload_optimizer,
-                  "offload_params": cfg.deepspeed.offload_params, "template": self.template,
-                  "cpu_shm_comm": cfg.deepspeed.cpu_shm_comm}
+            ds = {"config": self.ds_config, "cpu_shm_comm": cfg.deepspeed.cpu_shm_comm}
         lora = None
         if cfg.lora.enabled:
             lora = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
@@ -516,8 +514,8 @@ def resolve_job(job: TrainingJob, ray_cfg: RayConfig) -> TrainingJob:
     if cfg.deepspeed.enabled:
         from mixray.distributed.deepspeed_config import build_deepspeed_config
 
-        try:  # fail here, not in every worker
-            build_deepspeed_config(job.deepspeed_settings())
+        try:  # built here, once: a bad setting fails before any worker starts
+            job.ds_config = build_deepspeed_config(job.deepspeed_settings())
         except ValueError as e:
             raise ConfigError(f"train.deepspeed: {e}") from None
     return job
