@@ -1,21 +1,22 @@
 """Training speed and loss memory: mixray's NTP / MDIT / SFTMix steps, and mixray vs a plain HF Trainer.
 
     .venv/bin/python benchmarks/bench_train.py            (or: make bench-train)
-    .venv/bin/python benchmarks/bench_train.py --steps 40 --skip-memory
+    .venv/bin/python benchmarks/bench_train.py --rounds 5 --steps 20 --skip-memory
 
 Same tiny model (a 3.2M-parameter Llama with the SmolLM2 tokenizer, V = 49,152),
 same real data (Alpaca + GSM8K + CodeAlpaca from ../shared/data), CPU.
 
 1. Step time of ``sftmix`` and ``mdit`` vs ``ntp`` in the real loop
-   (``train_loop_per_worker``, DeepSpeed ZeRO-2, 1 worker with 2 CPUs), all in
-   one Ray Train run: ntp, mdit, sftmix, ntp again (the reference is the mean
-   of both ntp runs). Targets: sftmix ≤ 1.15×, mdit ≤ 1.10×. Mean step time over
-   the steady-state steps (the first ``--warmup`` steps are left out).
-2. NTP tokens/s: mixray with 1 worker (the same run) vs ``transformers.Trainer``
-   on the same model, rows, batch, optimizer and schedule, in this process.
-   Tokens/s = non-padding tokens of the steady-state steps / their wall time
-   (step end to step end, so mixray's per-step ``ray.train.report`` is
-   included). Target ≥ 0.9×.
+   (``train_loop_per_worker``, DeepSpeed ZeRO-2, 1 worker with 2 CPUs). Each
+   round is one Ray Train run that trains ntp, mdit and sftmix one after the
+   other (the order rotates), then ``transformers.Trainer`` runs; the median
+   step time over all rounds' steps (the first ``--warmup`` steps of each run
+   left out) is compared. Interleaving and medians keep a busy machine from
+   favouring one loss. Targets: sftmix ≤ 1.15×, mdit ≤ 1.10×.
+2. NTP tokens/s: mixray with 1 worker vs ``transformers.Trainer`` on the same
+   model, rows, batch, optimizer and schedule, in this process (2 threads):
+   the median over steps of non-padding tokens / wall time since the previous
+   step ended (so mixray's per-step ``ray.train.report`` counts). Target ≥ 0.9×.
 3. Peak extra memory of the loss forward + backward on ``logits [2, 512,
    128256]`` (a Llama-3 vocabulary): mixray's NTP and SFTMix kernels vs
    ``F.cross_entropy`` (what HF models use) and a naive SFTMix (gather, mix,
@@ -114,14 +115,35 @@ def run_dir_with_data(root: Path, n_alpaca=192, n_code=96, n_gsm=96) -> Path:
 
 # ----------------------------------------------------------------------------- 1 + 2: mixray
 
-def mixray_runs(model: Path, run_dir: Path, out: Path, steps: int, micro: int, max_length: int):
-    import ray
+LOSSES = ("ntp", "mdit", "sftmix")
+
+
+def prepare_mixray(model: Path, run_dir: Path, micro: int, max_length: int, steps: int):
+    """Per loss: the job's loop config (paths filled per round) and its tokenized rows."""
+    from mixray.config import RayConfig, TrainConfig
+    from mixray.models.sft import SFTEncoder
+    from mixray.stages.train import plan_job, resolve_job
+
+    base = {"model": str(model), "data": "all", "max_length": max_length, "micro_batch_size": micro,
+            "num_workers": 1, "resources_per_worker": {"CPU": 2}, "threads": 2, "lr": 1e-3,
+            "warmup_ratio": 0.1, "max_steps": steps, "checkpoint_every": 0, "epochs": 10,
+            "deepspeed": {"stage": 2}}
+    extra = {"ntp": {}, "mdit": {"loss": "mdit"},
+             "sftmix": {"loss": "sftmix", "sftmix": {"confidence": str(run_dir.parent / "confidence.parquet")}}}
+    prepared = {}
+    for name in LOSSES:
+        cfg = TrainConfig.model_validate(base | extra[name])
+        job = resolve_job(plan_job(cfg, run_dir, seed=0), RayConfig(num_cpus=2, object_store_memory=1_000_000_000))
+        prepared[name] = (job, SFTEncoder(job.model_path, max_length)(job.rows).sort_by("row"))
+    return prepared
+
+
+def mixray_round(prepared, out: Path, rnd: int) -> dict[str, list[dict]]:
+    """One Ray Train run (1 worker) training ntp, mdit and sftmix one after the other."""
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from mixray.config import RayConfig, TrainConfig
-    from mixray.models.sft import SFTEncoder
-    from mixray.stages.train import plan_job, rank_datasets, read_metrics, resolve_job
+    from mixray.stages.train import rank_datasets, read_metrics
 
     def sequential(config):
         from mixray.distributed.train import train_loop_per_worker
@@ -129,45 +151,33 @@ def mixray_runs(model: Path, run_dir: Path, out: Path, steps: int, micro: int, m
         for sub in config["runs"]:
             train_loop_per_worker(sub)
 
-    base = {"model": str(model), "data": "all", "max_length": max_length, "micro_batch_size": micro,
-            "num_workers": 1, "resources_per_worker": {"CPU": 2}, "threads": 2, "lr": 1e-3,
-            "warmup_ratio": 0.1, "max_steps": steps, "checkpoint_every": 0, "epochs": 10,
-            "deepspeed": {"stage": 2}}
-    plan = [("ntp", {}), ("mdit", {"loss": "mdit"}),
-            ("sftmix", {"loss": "sftmix", "sftmix": {"confidence": str(run_dir.parent / "confidence.parquet")}}),
-            ("ntp2", {})]
-    runs, datasets, tokens_ntp = [], {}, None
-    for name, kw in plan:
-        cfg = TrainConfig.model_validate(base | kw)
-        job = resolve_job(plan_job(cfg, run_dir, seed=0),
-                          RayConfig(num_cpus=2, object_store_memory=1_000_000_000))
-        tokens = SFTEncoder(job.model_path, max_length)(job.rows).sort_by("row")
-        if name == "ntp":
-            tokens_ntp = tokens
+    order = LOSSES[rnd % 3:] + LOSSES[: rnd % 3]  # rotate the order from round to round
+    runs, datasets = [], {}
+    for name in order:
+        job, tokens = prepared[name]
+        d = out / f"r{rnd}" / name
         datasets |= rank_datasets(tokens, 1, prefix=f"{name}_")
-        runs.append(job.loop_config(out / name / "logs", out / name / "model", dataset_prefix=f"{name}_")
-                    | {"run_name": name})
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+        runs.append(job.loop_config(d / "logs", d / "model", dataset_prefix=f"{name}_")
+                    | {"run_name": f"{name}-r{rnd}"})
     TorchTrainer(sequential, train_loop_config={"runs": runs},
                  scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 2}),
-                 run_config=RunConfig(name="bench", storage_path=str(out / "ray")),
+                 run_config=RunConfig(name=f"bench-r{rnd}", storage_path=str(out / "ray")),
                  datasets=datasets, dataset_config=DataConfig(datasets_to_split=[])).fit()
-    return {name: read_metrics(out / name / "logs" / "metrics.csv") for name, _ in plan}, tokens_ntp, runs[0]
+    return {name: read_metrics(out / f"r{rnd}" / name / "logs" / "metrics.csv") for name in LOSSES}
 
 
-def steady(metrics, warmup: int):
-    m = metrics[warmup:]
-    step_time = float(np.mean([r["step_time_s"] for r in m]))
-    # wall time from the end of step `warmup` to the end of the last step
-    tokens = sum(r["tokens"] for r in m[1:])
-    tps = tokens / (m[-1]["time"] - m[0]["time"])
-    return step_time, tps
+def steady_steps(metrics: list[dict], warmup: int) -> tuple[list[float], list[float]]:
+    """(step times, tokens/s) of the steps after ``warmup``; tokens/s over the wall time from the
+    previous step's end (so the per-step ``ray.train.report`` counts)."""
+    times = [r["step_time_s"] for r in metrics[warmup:]]
+    tps = [metrics[i]["tokens"] / (metrics[i]["time"] - metrics[i - 1]["time"])
+           for i in range(max(1, warmup), len(metrics))]
+    return times, tps
 
 
 # ----------------------------------------------------------------------------- 2: HF Trainer
 
-def hf_trainer_tps(model_dir: Path, tokens: pa.Table, loop: dict, steps: int, warmup: int) -> float:
+def hf_trainer_tps(model_dir: Path, tokens: pa.Table, loop: dict, steps: int, warmup: int) -> list[float]:
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
@@ -221,8 +231,8 @@ def hf_trainer_tps(model_dir: Path, tokens: pa.Table, loop: dict, steps: int, wa
         CountingTrainer(model=model, args=args, train_dataset=Rows(), data_collator=collate,
                         callbacks=[clock]).train()
     per_step = np.add.reduceat(np.array(seen), np.arange(0, len(seen), loop["grad_accum"]))
-    t = clock.ends[warmup - 1:]
-    return float(per_step[warmup:].sum() / (t[-1] - t[0]))
+    ends = clock.ends
+    return [float(per_step[i] / (ends[i] - ends[i - 1])) for i in range(max(1, warmup), len(ends))]
 
 
 # ----------------------------------------------------------------------------- 3: loss memory
@@ -275,8 +285,9 @@ def loss_memory() -> dict[str, float]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (ntp, mdit, sftmix, HF)")
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps per run and round")
+    p.add_argument("--warmup", type=int, default=2, help="first steps of each run left out")
     p.add_argument("--micro", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--skip-memory", action="store_true")
@@ -287,32 +298,42 @@ def main(argv=None) -> int:
         return 2
     import ray
 
-    results: dict = {"steps": args.steps, "warmup": args.warmup, "micro_batch_size": args.micro,
-                     "max_length": args.max_length}
+    times = {k: [] for k in LOSSES}
+    tps = {"mixray": [], "hf": []}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model = tiny_model(root / "tiny")
         run_dir = run_dir_with_data(root)
         ray.init(num_cpus=2, include_dashboard=False, object_store_memory=1_000_000_000, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
         try:
-            metrics, tokens, loop = mixray_runs(model, run_dir, root / "out", args.steps, args.micro,
-                                                args.max_length)
+            prepared = prepare_mixray(model, run_dir, args.micro, args.max_length, args.steps)
+            job, tokens = prepared["ntp"]
+            loop = job.loop_config(root, root)
+            for rnd in range(args.rounds):
+                for name, metrics in mixray_round(prepared, root / "out", rnd).items():
+                    t, s = steady_steps(metrics, args.warmup)
+                    times[name] += t
+                    if name == "ntp":
+                        tps["mixray"] += s
+                tps["hf"] += hf_trainer_tps(model, tokens, loop, args.steps, args.warmup)
         finally:
             ray.shutdown()
-        st = {k: steady(v, args.warmup) for k, v in metrics.items()}
-        ntp_time = (st["ntp"][0] + st["ntp2"][0]) / 2
-        ntp_tps = (st["ntp"][1] + st["ntp2"][1]) / 2
-        hf_tps = hf_trainer_tps(model, tokens, loop, args.steps, args.warmup)
-    results["step_time_s"] = {k: v[0] for k, v in st.items()}
-    results["ratio_sftmix_vs_ntp"] = st["sftmix"][0] / ntp_time
-    results["ratio_mdit_vs_ntp"] = st["mdit"][0] / ntp_time
-    results["tokens_per_s"] = {"mixray_ntp_1_worker": ntp_tps, "hf_trainer": hf_tps}
-    results["ratio_mixray_vs_hf_trainer"] = ntp_tps / hf_tps
-    print(f"step time (s, mean of steps {args.warmup + 1}..{args.steps}, micro-batch {args.micro}, "
-          f"ZeRO-2, 1 worker): " + ", ".join(f"{k} {v[0]:.3f}" for k, v in st.items()))
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    results: dict = {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
+                     "micro_batch_size": args.micro, "max_length": args.max_length,
+                     "median_step_time_s": med,
+                     "ratio_sftmix_vs_ntp": med["sftmix"] / med["ntp"],
+                     "ratio_mdit_vs_ntp": med["mdit"] / med["ntp"],
+                     "median_tokens_per_s": {k: float(np.median(v)) for k, v in tps.items()}}
+    results["ratio_mixray_vs_hf_trainer"] = results["median_tokens_per_s"]["mixray"] / results["median_tokens_per_s"]["hf"]
+    n = len(times["ntp"])
+    print(f"median step time over {n} steps per loss ({args.rounds} interleaved rounds, micro-batch "
+          f"{args.micro}, ZeRO-2, 1 worker): " + ", ".join(f"{k} {v:.3f} s" for k, v in med.items()))
     print(f"sftmix / ntp step time: {results['ratio_sftmix_vs_ntp']:.3f}x   (target <= 1.15)")
     print(f"mdit   / ntp step time: {results['ratio_mdit_vs_ntp']:.3f}x   (target <= 1.10)")
-    print(f"NTP tokens/s: mixray 1 worker {ntp_tps:.0f}, HF Trainer {hf_tps:.0f} -> "
+    m_tps, h_tps = results["median_tokens_per_s"]["mixray"], results["median_tokens_per_s"]["hf"]
+    print(f"NTP tokens/s (median per step): mixray 1 worker {m_tps:.0f}, HF Trainer {h_tps:.0f} -> "
           f"{results['ratio_mixray_vs_hf_trainer']:.3f}x   (target >= 0.9)")
     if not args.skip_memory:
         mem = loss_memory()

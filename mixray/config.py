@@ -238,7 +238,10 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(default=100, ge=0, description="optimizer steps; 0 = only at the end")
     keep_checkpoints: int = Field(default=2, ge=1)
     max_failures: int = Field(default=1, ge=0, description="worker-group restarts, each from the last checkpoint")
-    log_every: int = Field(default=1, ge=1, description="report metrics every n optimizer steps")
+    report_every_s: float = Field(
+        default=10.0, ge=0, description="seconds between metric reports to Ray Train (every step "
+        "goes to metrics.csv and TensorBoard; a report blocks until Ray's controller takes it, "
+        "about one per 2 s, so reporting each fast step would stall training)")
     loss_chunk_rows: int | None = Field(
         default=None, ge=1, description="logit rows per V-wide loss chunk; null: 64 MB of float32 per chunk")
     tokenize_workers: int = Field(default=1, ge=1, description="Ray Data actors that tokenize")

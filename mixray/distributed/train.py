@@ -7,7 +7,8 @@
     for each optimizer step:  G micro-batches (the pure sampler decides which rows),
         loss = ntp | mdit | sftmix (mixray.algorithms.losses), token means over the whole
         accumulation window on all ranks, backward, step
-        report metrics; every ``checkpoint_every`` steps and at the end, with a checkpoint
+        log metrics (rank 0: CSV + TensorBoard every step; Ray Train every ``report_every_s``);
+        every ``checkpoint_every`` steps and at the end, report with a checkpoint
     export the model in Hugging Face format (rank 0 writes; ZeRO-3 gathers first)
 
 Ray owns the workers, restarts them after a failure (``FailureConfig``) and
@@ -39,7 +40,7 @@ LOOP_KEYS = (
     "micro_batch_size", "grad_accum", "steps_per_epoch", "total_steps", "warmup_steps",
     "lr", "weight_decay", "adam_betas", "adam_eps", "max_grad_norm", "precision",
     "gradient_checkpointing", "lora", "deepspeed", "sftmix_alpha", "sftmix_mu", "chunk_rows",
-    "checkpoint_every", "log_every", "threads", "dataset_prefix",
+    "checkpoint_every", "report_every_s", "threads", "dataset_prefix",
     "log_dir", "export_dir", "merged_dir", "fault_step", "fault_rank",
 )
 METRIC_COLUMNS = ("step", "attempt", "epoch", "loss", "ntp", "mix", "lr", "grad_norm",
@@ -82,6 +83,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     G, B, spe = config["grad_accum"], config["micro_batch_size"], config["steps_per_epoch"]
     paired = config["loss"] == "sftmix"
     every, total = config["checkpoint_every"], config["total_steps"]
+    last_report = time.monotonic()
     while step < total:
         epoch, first = divmod(step, spe)
         batches, lams = epoch_micro_batches(
@@ -98,15 +100,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             dist.all_reduce(norms)
             norms = (norms / world).tolist()
             lr = engine.lr()
-            sums = torch.zeros(5, dtype=torch.float64)  # loss, ntp, mix, tokens, examples
+            sums = torch.zeros(6, dtype=torch.float64)  # loss, ntp, mix, tokens, examples, report?
             for i, mb in enumerate(window):
                 boundary = i == G - 1
                 with engine.accumulate(boundary):
                     loss, ntp, mix = _LOSS_STEPS[config["loss"]](engine, _to(mb, device), norms, config)
                     engine.backward(loss)
                 engine.step(boundary)
-                sums += torch.tensor([loss.item(), ntp.item(), mix.item(), mb["tokens"], mb["examples"]],
-                                     dtype=torch.float64)
+                sums[:5] += torch.tensor([loss.item(), ntp.item(), mix.item(), mb["tokens"], mb["examples"]],
+                                         dtype=torch.float64)
+            # Ray Train's controller takes one report per ~2 s and a report blocks until taken:
+            # rank 0's clock decides when to report, and the all-reduce tells every rank.
+            sums[5] = float(rank == 0 and time.monotonic() - last_report >= config["report_every_s"])
             dist.all_reduce(sums)
             step += 1
             dt = time.perf_counter() - t0
@@ -124,8 +129,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 with tempfile.TemporaryDirectory(prefix="mixray-ckpt-") as d:
                     engine.save(Path(d), rank, step, config["run_name"])
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-            elif step % config["log_every"] == 0:
+            elif sums[5] > 0:
                 ray.train.report(metrics)
+            if save or sums[5] > 0:
+                last_report = time.monotonic()
             if step >= total:
                 break
 

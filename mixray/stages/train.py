@@ -467,7 +467,7 @@ class TrainingJob:
             "max_grad_norm": cfg.max_grad_norm, "precision": self.precision,
             "gradient_checkpointing": cfg.gradient_checkpointing, "lora": lora, "deepspeed": ds,
             "sftmix_alpha": cfg.sftmix.alpha, "sftmix_mu": cfg.sftmix.mu, "chunk_rows": cfg.loss_chunk_rows,
-            "checkpoint_every": cfg.checkpoint_every, "log_every": cfg.log_every,
+            "checkpoint_every": cfg.checkpoint_every, "report_every_s": cfg.report_every_s,
             "threads": None if self.use_gpu else (cfg.threads or max(1, int(self.resources.get("CPU", 1)))),
             "dataset_prefix": dataset_prefix, "log_dir": str(log_dir), "export_dir": str(export_dir),
             "merged_dir": str(merged_dir) if merged_dir else None,
