@@ -4,6 +4,7 @@
     mixray ingest   CONFIG [overrides] [--force]    sources -> examples.parquet + rejects
     mixray embed    CONFIG [overrides] [--force]    examples -> embeddings.parquet (Ray Data)
     mixray score    CONFIG [overrides] [--force]    examples -> quality.parquet (Ray Data)
+    mixray train    CONFIG [overrides] [--force]    selection -> fine-tuned model (Ray Train + DeepSpeed)
     mixray run      CONFIG [overrides] [--force]    every stage listed in ``stages``, in order
 
 Heavy libraries (ray, torch, transformers) are imported inside the subcommands,
@@ -67,6 +68,7 @@ def _validate(cfg) -> list[str]:
     checks = [("embed.model", cfg.embed.model, "embed" in cfg.stages)]
     checks.append(("score.model", cfg.score.model, "score" in cfg.stages and cfg.score.backend != "column"))
     checks.append(("mix.model", cfg.mix.model, "mix" in cfg.stages))
+    checks.append(("train.model", cfg.train.model, "train" in cfg.stages))
     for setting, name, used in checks:
         if used:
             try:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mixray.errors import ConfigError
 
@@ -28,8 +28,12 @@ EmbedText = Literal["instruction", "full", "output"]
 ScoreBackend = Literal["ifd", "reward-model", "column"]
 KMeansInit = Literal["auto", "k-means||", "k-means++", "random"]
 ClusterPlot = Literal["tsne", "pca", "none"]
-StageName = Literal["ingest", "embed", "score", "mix", "cluster"]
-STAGE_ORDER: tuple[StageName, ...] = ("ingest", "embed", "score", "mix", "cluster")
+TrainLoss = Literal["ntp", "mdit", "sftmix"]
+TrainData = Literal["auto", "all", "select", "cluster"]
+TrainPrecision = Literal["auto", "fp32", "bf16", "fp16"]
+TrainPreset = Literal["none", "sftmix", "mdit"]
+StageName = Literal["ingest", "embed", "score", "mix", "cluster", "train"]
+STAGE_ORDER: tuple[StageName, ...] = ("ingest", "embed", "score", "mix", "cluster", "train")
 
 
 class _Strict(BaseModel):
@@ -169,16 +173,175 @@ class ClusterConfig(_Strict):
     plot_sample: int = Field(default=2000, ge=10, description="points drawn for the plot")
 
 
+class LoraSettings(_Strict):
+    """peft LoRA adapters instead of full fine-tuning (``enabled: true``)."""
+
+    enabled: bool = False
+    r: int = Field(default=16, ge=1, description="adapter rank")
+    alpha: float = Field(default=32, gt=0, description="scaling: alpha / r")
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1,
+        description="module names (or name suffixes) to adapt, or ['all-linear']")
+    merge: bool = Field(default=False, description="also export the merged full weights (train/merged)")
+
+
+class DeepSpeedSettings(_Strict):
+    """DeepSpeed ZeRO (``enabled: false`` = plain PyTorch DDP)."""
+
+    enabled: bool = True
+    stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = Field(
+        default=False, description="optimizer states in CPU RAM (DeepSpeedCPUAdam, compiled once)")
+    offload_params: bool = Field(default=False, description="ZeRO-3 only: parameters in CPU RAM")
+    config_file: str | None = Field(
+        default=None, description="a DeepSpeed JSON (configs/deepspeed/*.json) merged over the "
+        "generated config; its \"auto\" values are filled from this section")
+    cpu_shm_comm: bool = Field(
+        default=False, description="CPU only: build DeepSpeed's shared-memory allreduce "
+        "(~1 min compile on first use); off = gloo")
+
+    @model_validator(mode="after")
+    def _offload(self) -> DeepSpeedSettings:
+        if self.offload_params and self.stage != 3:
+            raise ValueError(f"offload_params needs stage 3 (got stage {self.stage})")
+        if self.offload_optimizer and self.stage == 0:
+            raise ValueError("offload_optimizer needs ZeRO stage 1, 2 or 3 (got stage 0)")
+        return self
+
+
+class SftMixSettings(_Strict):
+    alpha: float = Field(default=0.5, gt=0, description="λ ~ Beta(alpha, alpha) per pair")
+    mu: float = Field(default=0.2, ge=0, description="weight of the Mixup term")
+    confidence: str | None = Field(
+        default=None, description="the confident/unconfident split: a column of examples.parquet "
+        "(bool, 'confident'/'unconfident', or a number split at the median), or a parquet file "
+        "with id + confidence (number) or id + split; null: <run_dir>/dynamics/confidence.parquet")
+
+
+class MditSettings(_Strict):
+    mix_plan: str | None = Field(
+        default=None, description="mix plan parquet (mix_id, a_id, b_id, lam, ...); "
+        "null: <run_dir>/mix/mix_plan.parquet. Unused with data: cluster (mixes come from the selection)")
+
+
+class FaultInjection(_Strict):
+    """Testing aid: make one worker raise once after optimizer step ``fail_at_step``."""
+
+    fail_at_step: int | None = Field(default=None, ge=1)
+    rank: int = Field(default=0, ge=0)
+
+
+# The papers' settings (methods.md §2-3); a preset fills only the keys the user did not set.
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "sftmix": {"loss": "sftmix", "lr": 2e-6, "weight_decay": 0.1, "warmup_ratio": 0.1,
+               "micro_batch_size": 8, "grad_accum": 4, "epochs": 3,
+               "sftmix": {"alpha": 0.5, "mu": 0.2}},
+    "mdit": {"loss": "mdit", "lr": 2e-5, "epochs": 3, "global_batch_size": 16},
+}
+
+
+class TrainConfig(_Strict):
+    """Fine-tuning on Ray Train (+ DeepSpeed ZeRO): loss ntp | mdit | sftmix, full or LoRA."""
+
+    preset: TrainPreset = Field(default="none", description="fill unset keys with a paper's settings")
+    model: str = Field(default="SmolLM2-135M-Instruct", description="HF directory or offline alias")
+    trust_remote_code: bool = False
+    loss: TrainLoss = "ntp"
+    data: TrainData = Field(
+        default="auto", description="auto: the latest selection present (cluster, then select), "
+        "else all examples")
+    max_length: int = Field(default=512, ge=8, description="tokens per sequence (prompt + response)")
+    micro_batch_size: int = Field(default=4, ge=1, description="examples per worker per forward")
+    grad_accum: int = Field(default=1, ge=1, description="micro-batches per optimizer step")
+    global_batch_size: int | None = Field(
+        default=None, ge=1, description="if set, grad_accum = global / (micro_batch_size × num_workers)")
+    epochs: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps")
+    lr: float = Field(default=2e-5, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_ratio: float = Field(default=0.03, ge=0, le=1, description="cosine schedule warm-up share")
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(default=1e-8, gt=0)
+    max_grad_norm: float = Field(default=1.0, ge=0, description="0 = no clipping")
+    precision: TrainPrecision = Field(default="auto", description="auto: bf16 on GPUs that have it, else fp32")
+    gradient_checkpointing: bool = False
+    lora: LoraSettings = LoraSettings()
+    deepspeed: DeepSpeedSettings = DeepSpeedSettings()
+    sftmix: SftMixSettings = SftMixSettings()
+    mdit: MditSettings = MditSettings()
+    num_workers: int = Field(default=2, ge=1, description="Ray Train workers (one per GPU on GPUs)")
+    use_gpu: bool | Literal["auto"] = Field(default="auto", description="auto: GPUs when the cluster has them")
+    resources_per_worker: dict[str, float] | None = Field(
+        default=None, description="e.g. {CPU: 8, GPU: 1}; default 1 CPU (+1 GPU)")
+    threads: int | None = Field(default=None, ge=1, description="torch threads per CPU worker; default: its CPUs")
+    checkpoint_every: int = Field(default=100, ge=0, description="optimizer steps; 0 = only at the end")
+    keep_checkpoints: int = Field(default=2, ge=1)
+    max_failures: int = Field(default=1, ge=0, description="worker-group restarts, each from the last checkpoint")
+    report_every_s: float = Field(
+        default=10.0, ge=0, description="seconds between metric reports to Ray Train (every step "
+        "goes to metrics.csv and TensorBoard; a report blocks until Ray's controller takes it, "
+        "about one per 2 s, so reporting each fast step would stall training)")
+    loss_chunk_rows: int | None = Field(
+        default=None, ge=1, description="logit rows per V-wide loss chunk; null: 64 MB of float32 per chunk")
+    tokenize_workers: int = Field(default=1, ge=1, description="Ray Data actors that tokenize")
+    fault_injection: FaultInjection = FaultInjection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("preset", "none") not in TRAIN_PRESETS:
+            return data
+        return _fill(dict(data), TRAIN_PRESETS[data.get("preset", "none")])
+
+    @model_validator(mode="after")
+    def _batches(self) -> TrainConfig:
+        if self.loss == "sftmix" and self.micro_batch_size % 2:
+            raise ValueError(
+                f"micro_batch_size={self.micro_batch_size}: sftmix puts b confident + b unconfident "
+                "examples in every micro-batch, so it must be even")
+        if self.global_batch_size is not None:
+            per_step = self.micro_batch_size * self.num_workers
+            if self.global_batch_size % per_step:
+                raise ValueError(
+                    f"global_batch_size={self.global_batch_size} is not a multiple of "
+                    f"micro_batch_size × num_workers = {self.micro_batch_size} × {self.num_workers}")
+        if self.fault_injection.rank >= self.num_workers:
+            raise ValueError(f"fault_injection.rank={self.fault_injection.rank} but num_workers={self.num_workers}")
+        return self
+
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches per optimizer step (from global_batch_size when it is set)."""
+        if self.global_batch_size is None:
+            return self.grad_accum
+        return self.global_batch_size // (self.micro_batch_size * self.num_workers)
+
+
+def _fill(data: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with ``defaults`` filled in where a key is absent (recursively for sections)."""
+    for k, v in defaults.items():
+        if k not in data:
+            data[k] = v
+        elif isinstance(v, dict) and isinstance(data[k], dict):
+            data[k] = _fill(dict(data[k]), v)
+    return data
+
+
 class RunConfig(_Strict):
     run_dir: str = "runs/default"
     seed: int = 0
-    stages: list[StageName] = Field(default_factory=lambda: list(STAGE_ORDER))
+    stages: list[StageName] = Field(
+        default_factory=lambda: ["ingest", "embed", "score"],
+        description="what `mixray run` runs, in STAGE_ORDER; default: the data plane only")
     ray: RayConfig = RayConfig()
     ingest: IngestConfig
     embed: EmbedConfig = EmbedConfig()
     score: ScoreConfig = ScoreConfig()
     mix: MixConfig = MixConfig()
     cluster: ClusterConfig = ClusterConfig()
+    train: TrainConfig = TrainConfig()
 
     @field_validator("stages")
     @classmethod

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mixray.algorithms.batching import truncate_pair
 from mixray.algorithms.ifd import IGNORE_INDEX, ifd_quality, ifd_ratio, response_mean_loss
 from mixray.algorithms.pooling import l2_normalize, last_token, mean_pool
 from mixray.models.registry import resolve_model
@@ -197,9 +198,7 @@ class IFDScorer:
         for ins, inp, out in zip(batch["instruction"], batch["input"], batch["output"], strict=True):
             p = self.tok(prompt_text(self.tok, ins, inp), add_special_tokens=False)["input_ids"]
             r = self.tok(out, add_special_tokens=False)["input_ids"]
-            # the response keeps at least half the budget; the prompt keeps its end
-            r = r[: self.max_length - min(len(p), self.max_length // 2)]
-            p = p[max(0, len(p) + len(r) - self.max_length) :]
+            p, r, _ = truncate_pair(p, r, self.max_length)  # the prompt's end, ≥ half for the response
             pairs.append((p, r))
         return pairs
 

