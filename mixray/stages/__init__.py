@@ -17,6 +17,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "ingest": ("mixray.stages.ingest:stage", "read the sources into examples.parquet (+ rejects.parquet)"),
     "embed": ("mixray.stages.embed:stage", "embed the examples over a Ray Data actor pool"),
     "score": ("mixray.stages.score:stage", "score the examples' quality over a Ray Data actor pool"),
+    "select": ("mixray.stages.select:stage", "pick K examples by quality + diversity (QDIT)"),
 }
 
 
