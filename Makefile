@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup demo test lint bench bench-embed clean lock
+.PHONY: setup demo test lint bench bench-embed bench-select clean lock
 
 setup: $(STAMP)
 
@@ -38,6 +38,9 @@ $(VENV)/.mixray-bench: $(STAMP)
 
 bench-embed: $(VENV)/.mixray-bench
 	$(BIN)/python benchmarks/bench_embed.py
+
+bench-select: $(VENV)/.mixray-bench
+	$(BIN)/python benchmarks/bench_select.py
 
 lock:
 	$(PIP) freeze --exclude-editable | grep -v '^mixray' | sed 's/+cpu//' > requirements/constraints-cpu.txt

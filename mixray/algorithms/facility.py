@@ -53,13 +53,17 @@ How the exact greedy stays fast (:class:`ColumnShard`)
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 import torch
+
+log = logging.getLogger("mixray.facility")
 
 # --------------------------------------------------------------------------------------------
 # Kernels
@@ -70,6 +74,29 @@ ROW_BLOCK = 512  # candidate rows per matrix product
 COL_BLOCK = 4096  # columns per matrix product (a 512 x 4096 float32 block is 8 MB)
 SYM_BLOCK = 1024  # square blocks of the symmetric first pass
 MAX_EXACT_N = 1 << 22
+
+
+class gemm_threads:
+    """Context: run the enclosed (large, matrix-product-heavy) work with ``n`` torch threads.
+
+    The greedy's many small sparse/elementwise ops run single-threaded: on a
+    shared or oversubscribed machine, short parallel regions stall on
+    descheduled threads (measured 3-4x slower with 2 threads on 2 busy cores),
+    while long matrix products still profit from every core.
+    """
+
+    def __init__(self, n: int | None):
+        self.n = n
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        if self.n and self.n != self.before:
+            torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        if torch.get_num_threads() != self.before:
+            torch.set_num_threads(self.before)
 
 
 def scale_exponent(n: int) -> int:
@@ -164,10 +191,16 @@ def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(-1).nonzero().squeeze(1)
 
 
-def segment_sum(values: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tensor:
-    """``out[i] = Σ values[seg == i]`` in float64 (exact for integer-valued values)."""
-    out = torch.zeros(n, dtype=torch.float64, device=values.device)
-    return out.index_add_(0, seg, values.to(torch.float64))
+def segment_sums(values: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """Sums of consecutive segments of ``values`` with lengths ``lens`` (float64).
+
+    Through a float64 cumulative sum: exact for integer-valued terms whose
+    total stays below 2^53 (always the case here), so it is order-free too.
+    """
+    cs = torch.zeros(len(values) + 1, dtype=torch.float64, device=values.device)
+    torch.cumsum(values, 0, dtype=torch.float64, out=cs[1:])
+    ends = torch.cumsum(lens, 0)
+    return cs[ends] - cs[ends - lens]
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,18 +225,17 @@ class SparseRows:
         return int(self.indptr[-1])
 
     def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(segment id in ``rows``, cols int32, vals) of the entries of ``rows``, vectorised."""
+        """(entries per row [R], cols int32, vals) of ``rows``' entries, concatenated in order."""
         starts = self.indptr[rows]
         lens = self.indptr[rows + 1] - starts
         total = int(lens.sum())
         dev = rows.device
         if total == 0:
-            return torch.empty(0, dtype=torch.long, device=dev), self.cols[:0], self.vals[:0]
-        seg = torch.repeat_interleave(torch.arange(len(rows), device=dev), lens, output_size=total)
+            return lens, self.cols[:0], self.vals[:0]
         shift = torch.repeat_interleave(starts - (torch.cumsum(lens, 0) - lens), lens,
                                         output_size=total)
         pos = shift.add_(torch.arange(total, device=dev))
-        return seg, self.cols[pos], self.vals[pos]
+        return lens, self.cols[pos], self.vals[pos]
 
     def row_chunks(self, rows: torch.Tensor, max_entries: int = 1 << 21):
         """Split ``rows`` into consecutive pieces holding at most ~``max_entries`` entries each."""
@@ -236,38 +268,37 @@ class _SparseBuilder:
         if self.fill + self.pending > self.capacity:
             raise _CacheFull
 
-    def add_rows(self, row0: int, n_rows: int, chunks: list[tuple[torch.Tensor, ...]]) -> None:
-        """Append the entries of rows ``row0 .. row0+n_rows`` given as (local row, col, val) chunks."""
-        if not chunks:
-            return
-        rows = torch.cat([c[0] for c in chunks])
-        cols = torch.cat([c[1] for c in chunks])
-        vals = torch.cat([c[2] for c in chunks])
-        self.pending -= len(rows)
-        order = torch.sort(rows, stable=True).indices
-        n = len(rows)
-        if self.fill + n > self.capacity:
-            raise _CacheFull
-        self.cols[self.fill:self.fill + n] = cols[order]
-        self.vals[self.fill:self.fill + n] = vals[order]
-        self.counts[row0:row0 + n_rows] += torch.bincount(rows.long(), minlength=n_rows)
-        self.fill += n
+    def add_block(self, rows: slice | torch.Tensor, n_rows: int,
+                  chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        """Append the entries of a block of ``n_rows`` rows (global ``rows``: a slice or sorted ids).
 
-    def add_scattered(self, row_ids: torch.Tensor, chunks: list[tuple[torch.Tensor, ...]]) -> None:
-        """Append rows whose local ids index ``row_ids`` (sorted global rows)."""
+        Each chunk is (local row, col, val) sorted by local row; entries are placed
+        row by row (chunk order within a row) by a counting sort — no comparison sort.
+        """
         if not chunks:
             return
-        rows = torch.cat([c[0] for c in chunks])
-        cols = torch.cat([c[1] for c in chunks])
-        vals = torch.cat([c[2] for c in chunks])
-        self.pending -= len(rows)
-        order = torch.sort(rows, stable=True).indices
-        n = len(rows)
+        dev = self.cols.device
+        per_chunk = [torch.bincount(c[0].long(), minlength=n_rows) for c in chunks]
+        counts = torch.stack(per_chunk).sum(0)
+        n = int(counts.sum())
+        self.pending -= n
         if self.fill + n > self.capacity:
             raise _CacheFull
-        self.cols[self.fill:self.fill + n] = cols[order]
-        self.vals[self.fill:self.fill + n] = vals[order]
-        self.counts.index_add_(0, row_ids, torch.bincount(rows.long(), minlength=len(row_ids)))
+        row_start = self.fill + torch.cumsum(counts, 0) - counts
+        offset = torch.zeros(n_rows, dtype=torch.int64, device=dev)
+        for (r, c, v), cc in zip(chunks, per_chunk, strict=True):
+            if len(r) == 0:
+                continue
+            r = r.long()
+            chunk_start = torch.cumsum(cc, 0) - cc
+            dest = (row_start + offset - chunk_start)[r] + torch.arange(len(r), device=dev)
+            self.cols[dest] = c
+            self.vals[dest] = v
+            offset += cc
+        if isinstance(rows, slice):
+            self.counts[rows] += counts
+        else:
+            self.counts.index_add_(0, rows, counts)
         self.fill += n
 
     def finish(self) -> SparseRows:
@@ -321,7 +352,8 @@ class ColumnShard:
 
     def __init__(self, xs: torch.Tensor, cols: torch.Tensor | None, scale_exp: int,
                  budget_bytes: int = 256 << 20, cur: torch.Tensor | None = None,
-                 step: int = 0):
+                 step: int = 0, threads: int | None = None):
+        self.threads = threads  # torch threads for the matrix products (None: leave as is)
         self.xs = xs
         self.device = xs.device
         self.n_pool = xs.shape[0]
@@ -348,7 +380,7 @@ class ColumnShard:
         self.selected = torch.zeros(self.n_pool, dtype=torch.bool, device=self.device)
         self._since_compact = 0
         self.stats = {"dense_pairs": 0, "sparse_terms": 0, "delta_groups": 0, "fresh_groups": 0,
-                      "compactions": 0}
+                      "compactions": 0, "delta_pairs": 0}
 
     # -- masks -------------------------------------------------------------------------------
     def _uncovered(self) -> torch.Tensor:
@@ -390,10 +422,11 @@ class ColumnShard:
         use_cache = math.isfinite(self.theta) and self.capacity > 0
         builder = _SparseBuilder(self.n_pool, self.capacity if use_cache else 0, self.device)
         # Symmetry halves the products; worth it even when some rows are no longer candidates.
-        if self.all_columns and 2 * len(cand) >= self.n_pool:
-            dense = self._first_pass_symmetric(builder, use_cache)[cand]
-        else:
-            dense = self._first_pass_rows(cand, builder, use_cache)
+        with gemm_threads(self.threads):
+            if self.all_columns and 2 * len(cand) >= self.n_pool:
+                dense = self._first_pass_symmetric(builder, use_cache)[cand]
+            else:
+                dense = self._first_pass_rows(cand, builder, use_cache)
         self.rows = builder.finish() if use_cache else _empty_rows(self.n_pool, self.device)
         self.dref[cand] = dense
         self._reset_log()
@@ -416,7 +449,7 @@ class ColumnShard:
                     w = j1 - j0
                     chunks.append(((fl // w).int(), (fl % w + j0).int(), s.view(-1)[fl]))
             if use_cache:
-                builder.add_scattered(cand[i0:i1], chunks)
+                builder.add_block(cand[i0:i1], i1 - i0, chunks)
         return out
 
     def _first_pass_symmetric(self, builder, use_cache) -> torch.Tensor:
@@ -432,18 +465,20 @@ class ColumnShard:
                 j0, j1 = bj * b, min(n, (bj + 1) * b)
                 s = sims(xi, self.xc[j0:j1])
                 if use_cache:
-                    fl = flat_nonzero(s > self.theta)
-                    w = j1 - j0
-                    r_loc, c_loc, vals = (fl // w).int(), (fl % w).int(), s.view(-1)[fl]
+                    m = s > self.theta
+                    w, h = j1 - j0, i1 - i0
+                    fl = flat_nonzero(m)
                     builder.reserve(len(fl) * (1 if bi == bj else 2))
-                    pending[bi].append((r_loc, c_loc + j0, vals))
-                    if bj != bi:
-                        pending[bj].append((c_loc, r_loc + i0, vals))
+                    pending[bi].append(((fl // w).int(), (fl % w + j0).int(), s.view(-1)[fl]))
+                    if bj != bi:  # the mirrored entries, row-major for rows of block J
+                        ft = flat_nonzero(m.T.contiguous())
+                        jr, ic = ft // h, ft % h
+                        pending[bj].append((jr.int(), (ic + i0).int(), s.view(-1)[ic * w + jr]))
                 out[i0:i1] += gain_sums(s, curd[j0:j1], ws=self.ws)
                 if bj != bi:
                     out[j0:j1] += quantised_terms_(s.sub_(curd[i0:i1, None])).sum(0, dtype=torch.float64)
             if use_cache:
-                builder.add_rows(i0, i1 - i0, pending[bi])
+                builder.add_block(slice(i0, i1), i1 - i0, pending[bi])
             pending[bi] = []
         return out
 
@@ -454,46 +489,45 @@ class ColumnShard:
             return out
         cur_sp = self._cur_sparse()
         for a, b in self.rows.row_chunks(cand):
-            seg, cols, vals = self.rows.gather(cand[a:b])
+            lens, cols, vals = self.rows.gather(cand[a:b])
             self.stats["sparse_terms"] += len(vals)
             self._since_compact += len(vals)
             terms = quantised_terms_(vals - torch.index_select(cur_sp, 0, cols))
-            out[a:b] = segment_sum(terms, seg, b - a)
+            out[a:b] = segment_sums(terms, lens)
         return out
 
     def _maybe_compact(self) -> None:
-        """Drop cache entries that can never contribute again (amortised: after reading nnz terms).
+        """Drop cache entries that can never contribute again (amortised: after reading 2·nnz terms).
 
-        An entry (c, v, s) is dead once ``s ≤ cur_v`` (cur only grows), and rows of
-        selected points are never read again.
+        An entry (c, v, s) is dead once ``s ≤ cur_v``: cur only grows. (The row of
+        a selected point dies entirely, since its sims are now part of cur.)
         """
-        nnz = self.rows.nnz
-        if nnz < (1 << 16) or self._since_compact < nnz:
+        rows = self.rows
+        nnz = rows.nnz
+        if nnz < (1 << 16) or self._since_compact < 2 * nnz:
             return
         self._since_compact = 0
-        rows = self.rows
-        keep_row = ~self.selected
-        counts = torch.zeros(self.n_pool, dtype=torch.int64, device=self.device)
-        write = 0
-        all_rows = torch.arange(self.n_pool, device=self.device)
-        for a, b in rows.row_chunks(all_rows, 1 << 22):
-            lo, hi = int(rows.indptr[a]), int(rows.indptr[b])
-            if hi == lo:
-                continue
-            lens = rows.indptr[a + 1:b + 1] - rows.indptr[a:b]
-            seg = torch.repeat_interleave(torch.arange(b - a, device=self.device), lens,
-                                          output_size=hi - lo)
-            cols, vals = rows.cols[lo:hi], rows.vals[lo:hi]
-            alive = (vals > torch.index_select(self.cur, 0, cols)) & keep_row[a:b][seg]
-            kc, kv = cols[alive], vals[alive]
-            n = len(kc)
-            rows.cols[write:write + n] = kc
-            rows.vals[write:write + n] = kv
-            counts[a:b] = torch.bincount(seg[alive], minlength=b - a)
-            write += n
-        rows.indptr[1:] = torch.cumsum(counts, 0)
-        rows.cols = rows.cols[:write]
-        rows.vals = rows.vals[:write]
+        new_indptr = torch.empty_like(rows.indptr)
+        chunk = 1 << 22
+        base, r_lo = 0, 0
+        for lo in range(0, nnz, chunk):
+            hi = min(nnz, lo + chunk)
+            cols = rows.cols[lo:hi]
+            alive = rows.vals[lo:hi] > torch.index_select(self.cur, 0, cols)
+            kept_before = torch.cumsum(alive, 0)
+            r_hi = int(torch.searchsorted(rows.indptr, hi))  # rows starting before hi
+            p = rows.indptr[r_lo:r_hi] - lo
+            new_indptr[r_lo:r_hi] = base + torch.where(
+                p > 0, kept_before[(p - 1).clamp(min=0)], torch.zeros_like(p))
+            r_lo = r_hi
+            kc, kv = cols[alive], rows.vals[lo:hi][alive]
+            rows.cols[base:base + len(kc)] = kc
+            rows.vals[base:base + len(kv)] = kv
+            base += len(kc)
+        new_indptr[r_lo:] = base
+        rows.indptr = new_indptr
+        rows.cols = rows.cols[:base]
+        rows.vals = rows.vals[:base]
         self.stats["compactions"] += 1
 
     def _reset_log(self) -> None:
@@ -532,8 +566,9 @@ class ColumnShard:
                 members = fresh.nonzero().flatten()
                 self.stats["fresh_groups"] += 1
                 self.stats["dense_pairs"] += len(members) * len(unc)
-                dense[members] = dense_gains(self.xs[cand[members]], self.xc, [self.cur[unc]], unc,
-                                             ws=self.ws)[0]
+                with gemm_threads(self.threads):
+                    dense[members] = dense_gains(self.xs[cand[members]], self.xc, [self.cur[unc]],
+                                                 unc, ws=self.ws)[0]
         self.dref[cand] = dense
         return dense + self._sparse_part(cand)
 
@@ -554,7 +589,10 @@ class ColumnShard:
         now = self.cur[changed]
         cur_now = torch.where(now < self.theta, now, torch.full_like(now, self.big))
         self.stats["dense_pairs"] += len(cand) * len(changed)
-        before, after = dense_gains(self.xs[cand], self.xc, [cur_tau, cur_now], changed, ws=self.ws)
+        self.stats["delta_pairs"] += len(cand) * len(changed)
+        with gemm_threads(self.threads):
+            before, after = dense_gains(self.xs[cand], self.xc, [cur_tau, cur_now], changed,
+                                        ws=self.ws)
         return self.dref[cand] - (before - after)
 
     # -- selection -----------------------------------------------------------------------------
@@ -712,7 +750,8 @@ def lazy_greedy(shards: Shards, q: torch.Tensor, alpha: float, k: int, *, n_pool
                 scale_exp: int, theta: float, candidates: torch.Tensor | None = None,
                 start: GreedyState | None = None, sample_size: int | None = None,
                 seed: int = 0, callback: StepCallback | None = None,
-                callback_every: int = 0, max_batch: int = 1024) -> GreedyResult:
+                callback_every: int = 0, max_batch: int = 1024,
+                short_size: int = 8192) -> GreedyResult:
     """Exact lazy greedy (``sample_size=None``) or stochastic greedy over ``shards``.
 
     ``q`` float64 [N] (normalised quality, zeros if unused), ``candidates`` the
@@ -732,44 +771,57 @@ def lazy_greedy(shards: Shards, q: torch.Tensor, alpha: float, k: int, *, n_pool
     if sel:
         active[torch.as_tensor(sel)] = False
     remaining = cand[active[cand]]
+    t_start = time.perf_counter()
     if len(remaining):
         g[remaining] = shards.first_pass(remaining, theta)
     t = len(sel)
+    log.info("greedy: first pass over %d candidates x %d points in %.1f s (theta=%.3f)",
+             len(remaining), n_pool, time.perf_counter() - t_start, theta * 2.0 ** -scale_exp)
+    report_every = max(1, k // 20)
     tau = torch.full((n_pool,), t, dtype=torch.long)
     f = torch.where(active, _score(g, q, alpha, n_pool, scale_exp),
                     torch.tensor(-math.inf, dtype=torch.float64))
     neg_inf = torch.tensor(-math.inf, dtype=torch.float64)
     first_chunk = 16
     n_eval = 0
+    # Shortlist: the top `short_size` bounds (sorted ids) and the largest bound outside it.
+    # Bounds outside never change until the next rebuild (only shortlisted candidates are
+    # evaluated or selected), so a fresh best that beats `outside` is the global argmax and
+    # rounds cost O(short_size) instead of O(N).
+    short, outside = None, math.inf
     while t < k:
-        view = None
         if sample_size is not None:
             pool = active.nonzero().flatten().numpy()
             if sample_size < len(pool):
                 pool = np.sort(np.random.default_rng([seed, t]).choice(pool, sample_size, replace=False))
-            view = torch.from_numpy(pool)
+            view, outside = torch.from_numpy(pool), -math.inf
         # Lazy rounds. A stale bound can only matter if it beats the best fresh f so far
         # (or ties it with a lower index); evaluate those, largest bound first, in chunks
-        # that double within a step. Stops when the overall argmax is fresh.
+        # that double within a step. Stops when the argmax is fresh.
         chunk = first_chunk
         evals_this_step = 0
         while True:
-            fv = f if view is None else f[view]
-            ids = torch.arange(n_pool) if view is None else view
-            tv = tau if view is None else tau[view]
+            if sample_size is None:
+                if short is None or float(f[short].max()) <= outside:
+                    short, outside = _shortlist(f, short_size)
+                view = short
+            fv, tv = f[view], tau[view]
             i = int(torch.argmax(fv))
-            if tv[i] == t:
-                best = int(ids[i])
+            if tv[i] == t and float(fv[i]) > outside:
+                best = int(view[i])
                 break
             fresh = tv == t
             fresh_f = torch.where(fresh, fv, neg_inf)
             j = int(torch.argmax(fresh_f))
-            fstar, jstar = float(fresh_f[j]), int(ids[j])
+            fstar, jstar = float(fresh_f[j]), int(view[j])
             stale_f = torch.where(fresh, neg_inf, fv)
-            need = (stale_f > fstar) | ((stale_f == fstar) & (ids < jstar))
+            need = (stale_f > fstar) | ((stale_f == fstar) & (view < jstar))
             n_need = int(need.sum())
+            if n_need == 0:  # everything in the shortlist is fresh but does not beat `outside`
+                short = None
+                continue
             top = torch.topk(torch.where(need, stale_f, neg_inf), min(chunk, n_need)).indices
-            idx = torch.sort(ids[top]).values
+            idx = torch.sort(view[top]).values
             g[idx] = shards.evaluate(idx, tau[idx])
             tau[idx] = t
             f[idx] = _score(g[idx], q[idx], alpha, n_pool, scale_exp)
@@ -784,6 +836,9 @@ def lazy_greedy(shards: Shards, q: torch.Tensor, alpha: float, k: int, *, n_pool
         active[best] = False
         f[best] = -math.inf
         t += 1
+        if t % report_every == 0 or t == k:
+            log.info("greedy: %d/%d selected, %d evaluations, %.1f s", t, k, n_eval,
+                     time.perf_counter() - t_start)
         if callback is not None and callback_every and (t % callback_every == 0) and t < k:
             callback(GreedyState(np.asarray(sel, dtype=np.int64), np.asarray(gains),
                                  np.asarray(scores), shards.cur_values(), scale_exp))
@@ -792,6 +847,21 @@ def lazy_greedy(shards: Shards, q: torch.Tensor, alpha: float, k: int, *, n_pool
         stats |= shards.stats()
     return GreedyResult(np.asarray(sel, dtype=np.int64), np.asarray(gains, dtype=np.float64),
                         np.asarray(scores, dtype=np.float64), shards.cur_values(), scale_exp, stats)
+
+
+def _shortlist(f: torch.Tensor, size: int) -> tuple[torch.Tensor, float]:
+    """(ids of the ``size`` largest finite bounds, sorted; the largest bound outside them).
+
+    Ties at the cut go into the list whole, so "outside" is strictly below every
+    bound that could tie with a shortlisted one.
+    """
+    finite = int(torch.isfinite(f).sum())
+    if finite <= size:
+        return torch.isfinite(f).nonzero().flatten(), -math.inf
+    cut = float(torch.topk(f, size + 1).values[-1])
+    inside = f >= cut
+    outside = f.masked_fill(inside, -math.inf).max()
+    return inside.nonzero().flatten(), float(outside)
 
 
 def naive_greedy(xs: torch.Tensor, q: torch.Tensor, alpha: float, k: int, *, scale_exp: int,

@@ -72,8 +72,11 @@ def check_alpha(alpha: float) -> float:
     return a
 
 
-def check_embeddings(embeddings, name: str = "embeddings") -> np.ndarray:
-    """[N, d] finite, no zero rows -> L2-normalised float32 (a copy)."""
+def check_embeddings(embeddings, name: str = "embeddings", chunk: int = 1 << 16) -> np.ndarray:
+    """[N, d] finite, no zero rows -> a new L2-normalised float32 array.
+
+    Norms are computed in float64, ``chunk`` rows at a time (no full float64 copy).
+    """
     x = np.asarray(embeddings)
     if x.ndim != 2:
         raise SelectionInputError(f"{name} must be a 2-D array [N, d], got shape {x.shape}")
@@ -81,21 +84,24 @@ def check_embeddings(embeddings, name: str = "embeddings") -> np.ndarray:
         raise SelectionInputError(f"{name} is empty (shape {x.shape})")
     if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
         raise SelectionInputError(f"{name} must be real numbers, got dtype {x.dtype}")
-    x = x.astype(np.float64, copy=False)
-    bad = ~np.isfinite(x).all(axis=1)
-    if bad.any():
-        rows = np.nonzero(bad)[0]
+    out = np.empty(x.shape, dtype=np.float32)
+    bad, zero = [], []
+    for i0 in range(0, len(x), chunk):
+        block = x[i0:i0 + chunk].astype(np.float64)
+        finite = np.isfinite(block).all(axis=1)
+        bad.extend((i0 + np.nonzero(~finite)[0]).tolist())
+        norms = np.linalg.norm(np.where(finite[:, None], block, 0.0), axis=1)
+        zero.extend((i0 + np.nonzero(finite & (norms == 0))[0]).tolist())
+        out[i0:i0 + chunk] = block / np.where(norms > 0, norms, 1.0)[:, None]
+    if bad:
         raise SelectionInputError(
-            f"{name} has NaN/inf values in {len(rows)} row(s), first rows {rows[:5].tolist()}; "
+            f"{name} has NaN/inf values in {len(bad)} row(s), first rows {bad[:5]}; "
             "every value must be finite")
-    norms = np.linalg.norm(x, axis=1)
-    zero = norms == 0
-    if zero.any():
-        rows = np.nonzero(zero)[0]
+    if zero:
         raise SelectionInputError(
-            f"{name} has {len(rows)} zero-norm row(s), first rows {rows[:5].tolist()}; "
+            f"{name} has {len(zero)} zero-norm row(s), first rows {zero[:5]}; "
             "cosine similarity needs a non-zero vector per example")
-    return (x / norms[:, None]).astype(np.float32)
+    return out
 
 
 def check_quality(quality, n: int, name: str = "quality") -> np.ndarray:
@@ -154,9 +160,16 @@ class Pool:
         return self.xs.shape[0]
 
     @classmethod
-    def build(cls, x_unit: np.ndarray, q: np.ndarray, device: torch.device) -> Pool:
+    def build(cls, x_unit: np.ndarray, q: np.ndarray, device: torch.device,
+              inplace: bool = False) -> Pool:
+        """``inplace=True`` scales ``x_unit`` itself (saves a copy of N×d; the caller gives it up)."""
         e = fl.scale_exponent(len(x_unit))
-        xs = torch.from_numpy(np.ascontiguousarray(x_unit)).to(device) * float(2.0 ** (e // 2))
+        scale = float(2.0 ** (e // 2))  # a power of two: exact in float32
+        xs = torch.from_numpy(np.ascontiguousarray(x_unit, dtype=np.float32))
+        if inplace and xs.device == device:
+            xs.mul_(scale)
+        else:
+            xs = xs.to(device) * scale
         return cls(xs, torch.from_numpy(np.asarray(q, dtype=np.float64)), e)
 
 
@@ -171,7 +184,7 @@ def split_columns(n: int, parts: int) -> list[np.ndarray]:
 
 
 def local_shards(pool: Pool, n_shards: int, budget_bytes: int,
-                 start: fl.GreedyState | None = None) -> fl.LocalShards:
+                 start: fl.GreedyState | None = None, threads: int | None = None) -> fl.LocalShards:
     """``n_shards`` in-process column shards (1 = the plain single-process run)."""
     parts = split_columns(pool.n, n_shards)
     cur = None if start is None or start.step == 0 else torch.from_numpy(start.cur)
@@ -181,7 +194,7 @@ def local_shards(pool: Pool, n_shards: int, budget_bytes: int,
         c = None if len(parts) == 1 else torch.from_numpy(cols)
         shard_cur = None if cur is None else cur[int(cols[0]):int(cols[-1]) + 1]
         shards.append(fl.ColumnShard(pool.xs, c, pool.scale_exp, budget_bytes // len(parts),
-                                     cur=shard_cur, step=step))
+                                     cur=shard_cur, step=step, threads=threads))
     return fl.LocalShards(shards)
 
 
@@ -189,20 +202,28 @@ def run_greedy(pool: Pool, k: int, alpha: float, optimizer: str, *, shards: fl.S
                budget_bytes: int = 512 << 20, epsilon: float = 0.01, seed: int = 0,
                candidates: np.ndarray | None = None, start: fl.GreedyState | None = None,
                callback: fl.StepCallback | None = None, callback_every: int = 0,
-               n_shards: int = 1) -> fl.GreedyResult:
-    """Dispatch to the greedy variant (valid inputs assumed)."""
+               n_shards: int = 1, threads: int | None = None) -> fl.GreedyResult:
+    """Dispatch to the greedy variant (valid inputs assumed).
+
+    ``threads``: torch threads for the large matrix products; everything else
+    runs single-threaded (see :class:`~mixray.algorithms.facility.gemm_threads`).
+    """
     cand = None if candidates is None else torch.as_tensor(np.asarray(candidates, dtype=np.int64))
+    threads = threads or torch.get_num_threads()
     if optimizer == "naive":
-        return fl.naive_greedy(pool.xs, pool.q, alpha, k, scale_exp=pool.scale_exp, candidates=cand,
-                               start=start, callback=callback, callback_every=callback_every)
+        with fl.gemm_threads(threads):
+            return fl.naive_greedy(pool.xs, pool.q, alpha, k, scale_exp=pool.scale_exp,
+                                   candidates=cand, start=start, callback=callback,
+                                   callback_every=callback_every)
     n_cand = pool.n if cand is None else len(cand)
     if shards is None:
-        shards = local_shards(pool, n_shards, budget_bytes, start)
+        shards = local_shards(pool, n_shards, budget_bytes, start, threads)
     theta = choose_theta(pool, budget_bytes, n_cand)
     sample = (fl.stochastic_sample_size(n_cand, k, epsilon) if optimizer == "stochastic" else None)
-    return fl.lazy_greedy(shards, pool.q, alpha, k, n_pool=pool.n, scale_exp=pool.scale_exp,
-                          theta=theta, candidates=cand, start=start, sample_size=sample, seed=seed,
-                          callback=callback, callback_every=callback_every)
+    with fl.gemm_threads(1):
+        return fl.lazy_greedy(shards, pool.q, alpha, k, n_pool=pool.n, scale_exp=pool.scale_exp,
+                              theta=theta, candidates=cand, start=start, sample_size=sample,
+                              seed=seed, callback=callback, callback_every=callback_every)
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,7 +339,7 @@ def evaluate_ranking(embeddings, ranking, quality=None, alpha: float = 0.0,
     q = np.zeros(n) if quality is None else check_quality(quality, n)
     if normalize_quality and quality is not None:
         q = minmax(q)
-    pool = Pool.build(x, q, resolve_device(device))
+    pool = Pool.build(x, q, resolve_device(device), inplace=True)
     gains, cur = fl.ranking_gains(pool.xs, r, pool.scale_exp)
     scores = (1.0 - alpha) * gains / n + alpha * q[r]
     obj, div, qm = score_from_cur(cur, pool.scale_exp, q[r], alpha)
@@ -391,7 +412,9 @@ class QDITSelector:
     checkpoint_every, callback : ``callback(state)`` every n greedy steps (a
         :class:`~mixray.algorithms.facility.GreedyState` to persist); pass the
         state back to ``fit(initial_state=...)`` to continue with the identical result.
-    threads : ``torch.set_num_threads`` for the fit (restored afterwards).
+    threads : torch threads for the large matrix products (default: torch's current
+        setting); the greedy's small sparse/elementwise ops always run single-threaded.
+        On a busy shared machine ``threads=1`` is fastest.
 
     Attributes (after ``fit``)
     --------------------------
@@ -438,6 +461,8 @@ class QDITSelector:
             raise SelectionInputError(f"n_shards must be >= 1, got {self.n_shards}")
         if not (-1.0 <= float(self.tau) <= 1.0):
             raise SelectionInputError(f"tau must be a cosine similarity in [-1, 1], got {self.tau}")
+        if self.threads is not None and int(self.threads) < 1:
+            raise SelectionInputError(f"threads must be >= 1 or None, got {self.threads}")
         if int(self.n_clusters) < 1:
             raise SelectionInputError(f"n_clusters must be >= 1, got {self.n_clusters}")
 
@@ -466,14 +491,7 @@ class QDITSelector:
         if initial_state is not None:
             self._check_state(initial_state, n)
         dev = resolve_device(self.device)
-        old_threads = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(int(self.threads))
-        try:
-            self._fit(x, q, dev, initial_state, shards)
-        finally:
-            if self.threads:
-                torch.set_num_threads(old_threads)
+        self._fit(x, q, dev, initial_state, shards)
         self.quality_ = q
         self.fit_time_ = time.perf_counter() - t0
         return self
@@ -491,14 +509,14 @@ class QDITSelector:
     def _fit(self, x, q, dev, initial_state, shards) -> None:
         k, alpha = int(self.k), float(self.alpha)
         budget = int(self.memory_budget_mb * (1 << 20))
-        pool = Pool.build(x, q, dev)
         self.state_ = None
         self.stats_: dict = {}
         if self.method == "qdit" and alpha < 1.0:
+            pool = Pool.build(x, q, dev, inplace=True)  # x is our own normalised copy
             res = run_greedy(pool, k, alpha, self.optimizer, shards=shards, budget_bytes=budget,
                              epsilon=self.epsilon, seed=self.seed, start=initial_state,
                              callback=self.callback, callback_every=self.checkpoint_every,
-                             n_shards=int(self.n_shards))
+                             n_shards=int(self.n_shards), threads=self.threads)
             self.ranking_, self.gains_, self.scores_ = res.ranking, res.gains, res.scores
             self.state_ = res.state()
             self.stats_ = res.stats
@@ -515,7 +533,9 @@ class QDITSelector:
                                 "raise tau to select more", len(ranking), k, self.tau)
             else:
                 ranking, self.labels_ = select_cluster(x, q, k, int(self.n_clusters), self.seed)
-            gains, cur = fl.ranking_gains(pool.xs, ranking, pool.scale_exp)
+            pool = Pool.build(x, q, dev, inplace=True)
+            with fl.gemm_threads(self.threads):
+                gains, cur = fl.ranking_gains(pool.xs, ranking, pool.scale_exp)
             self.ranking_, self.gains_ = ranking, gains
             self.scores_ = (1.0 - alpha) * gains / len(x) + alpha * q[ranking]
         self.objective_, self.diversity_, self.quality_mean_ = score_from_cur(

@@ -57,8 +57,7 @@ class _ShardActor:
                  cur: np.ndarray | None, step: int, use_gpu: bool, threads: int | None):
         import torch
 
-        if threads:
-            torch.set_num_threads(int(threads))
+        torch.set_num_threads(1)  # small ops single-threaded; matrix products get ``threads``
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the object-store array is read-only; we never write it
@@ -66,7 +65,8 @@ class _ShardActor:
         n = xs.shape[0]
         cols = None if (lo == 0 and hi == n) else torch.arange(lo, hi, device=device)
         self.shard = fl.ColumnShard(xs_t, cols, scale_exp, budget_bytes,
-                                    cur=None if cur is None else torch.from_numpy(cur), step=step)
+                                    cur=None if cur is None else torch.from_numpy(cur), step=step,
+                                    threads=threads)
 
     def first_pass(self, cand: np.ndarray, theta: float) -> np.ndarray:
         import torch
@@ -162,7 +162,7 @@ def sharded_select(selector: qdit.QDITSelector, embeddings, quality, n_actors: i
     q = np.zeros(len(x)) if quality is None else qdit.check_quality(quality, len(x))
     if selector.normalize_quality and quality is not None:
         q = qdit.minmax(q)
-    pool = qdit.Pool.build(x, q, qdit.resolve_device("cpu"))
+    pool = qdit.Pool.build(x, q, qdit.resolve_device("cpu"), inplace=True)
     budget = int(selector.memory_budget_mb * (1 << 20))
     shards = RayShards(pool, n_actors, budget, start=initial_state, num_gpus=num_gpus,
                        num_cpus=num_cpus, threads=threads, device=selector.device)
@@ -214,7 +214,7 @@ def greedi_select(embeddings, quality, k: int, alpha: float, *, partitions: int,
                             seed, part_device, threads or max(1, int(num_cpus))) for p in parts]
         return ray.get(refs)
 
-    pool = qdit.Pool.build(x, q, qdit.resolve_device(device))
+    pool = qdit.Pool.build(x, q, qdit.resolve_device(device), inplace=True)
     res, picks = qdit.greedi(pool, x, q, k, alpha, optimizer, partitions, seed, budget, epsilon,
                              run_partitions=run_partitions)
     return res, picks, pool

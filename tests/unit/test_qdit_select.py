@@ -103,6 +103,26 @@ def test_naive_equals_lazy_bit_for_bit(real, alpha):
         (1 - alpha) * naive.diversity_ + alpha * naive.quality_mean_)
 
 
+@pytest.mark.parametrize("short_size", [1, 16])
+def test_lazy_with_a_tiny_shortlist_equals_naive(real, short_size):
+    """The O(shortlist) rounds (rebuilt whenever the outside bound may win) change nothing."""
+    x, q = real
+    pool = _pool(x[:300], q[:300])
+    ref = fl.naive_greedy(pool.xs, pool.q, 0.5, 40, scale_exp=pool.scale_exp)
+    theta = fl.choose_threshold(pool.xs, pool.xs, 300, (1 << 20) // 8)
+    shards = fl.LocalShards([fl.ColumnShard(pool.xs, None, pool.scale_exp, 1 << 20)])
+    res = fl.lazy_greedy(shards, pool.q, 0.5, 40, n_pool=300, scale_exp=pool.scale_exp,
+                         theta=theta, short_size=short_size)
+    np.testing.assert_array_equal(res.ranking, ref.ranking)
+    np.testing.assert_array_equal(res.gains, ref.gains)
+    qt = torch.round(pool.q * 4) / 4  # heavy ties in f: the lower index must still win
+    ref = fl.naive_greedy(pool.xs, qt, 0.9, 40, scale_exp=pool.scale_exp)
+    shards = fl.LocalShards([fl.ColumnShard(pool.xs, None, pool.scale_exp, 1 << 20)])
+    res = fl.lazy_greedy(shards, qt, 0.9, 40, n_pool=300, scale_exp=pool.scale_exp,
+                         theta=theta, short_size=short_size)
+    np.testing.assert_array_equal(res.ranking, ref.ranking)
+
+
 def test_ties_broken_by_lower_index(real):
     """Duplicated points have identical gains; greedy must take the lower index, like naive."""
     x, q = real
