@@ -18,7 +18,8 @@ Every ranking is then scored by the parent with ONE objective, mixray's
 every other, on the clipped-cosine facility location of methods.md.
 
 Sizes: N = 10K and 20K with K = 1,000 (apricot lazy + stochastic; mixray lazy,
-stochastic, 2-actor sharded), then mixray lazy alone at N = 200K, K = 10,000
+stochastic, 2-actor sharded, and GreeDi over 4 partitions for its objective
+against the exact run), then mixray lazy alone at N = 200K, K = 10,000
 (apricot would need a ~160 GB dense matrix there).
 """
 
@@ -123,6 +124,12 @@ def run_method(method: str, x: np.ndarray, k: int, budget_mb: float,
                              x, None, 2, num_gpus=0, num_cpus=1, threads=1)
         info = {k_: int(v) for k_, v in sel.stats_.items()}
         return sel.ranking_, info
+    if method == "mixray-greedi4":
+        from mixray.distributed.selection import greedi_select
+
+        res, picks, _ = greedi_select(x, None, k, 0.0, partitions=4, memory_budget_mb=budget_mb,
+                                      num_gpus=0, num_cpus=1, threads=1, device="cpu")
+        return res.ranking, {"union": int(sum(len(p) for p in picks))}
     raise SystemExit(f"unknown method {method}")
 
 
@@ -132,7 +139,7 @@ def worker(method: str, n: int, k: int, budget_mb: float, out: str, threads: int
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
     x = clustered(n)
-    if method == "mixray-sharded2":
+    if method in ("mixray-sharded2", "mixray-greedi4"):
         import ray
 
         ray.init(num_cpus=2, include_dashboard=False, object_store_memory=1_000_000_000,
@@ -141,7 +148,7 @@ def worker(method: str, n: int, k: int, budget_mb: float, out: str, threads: int
         t0 = time.perf_counter()
         ranking, info = run_method(method, x, k, budget_mb, threads)
         secs = time.perf_counter() - t0
-    if method == "mixray-sharded2":
+    if method in ("mixray-sharded2", "mixray-greedi4"):
         import ray
 
         ray.shutdown()
@@ -187,7 +194,8 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 20_000])
     ap.add_argument("--k", type=int, default=1000)
     ap.add_argument("--methods", nargs="+", default=["apricot-lazy", "apricot-stochastic", "mixray-lazy",
-                                                     "mixray-stochastic", "mixray-sharded2"])
+                                                     "mixray-stochastic", "mixray-sharded2",
+                                                     "mixray-greedi4"])
     ap.add_argument("--budget-mb", type=float, default=512, help="mixray memory_budget_mb at 10K/20K")
     ap.add_argument("--big", type=int, default=200_000)
     ap.add_argument("--big-k", type=int, default=10_000)
@@ -230,13 +238,19 @@ def main() -> None:
         base = by.get(("apricot-lazy", n))
         if base is None:
             continue
-        for m in ("mixray-lazy", "mixray-stochastic", "mixray-sharded2", "apricot-stochastic"):
+        for m in ("mixray-lazy", "mixray-stochastic", "mixray-sharded2", "mixray-greedi4",
+                  "apricot-stochastic"):
             r = by.get((m, n))
             if r is None:
                 continue
             print(f"  N={n:>6} {m:<20} time {r['seconds'] / base['seconds']:5.2f}x  "
                   f"memory {r['peak_bytes'] / base['peak_bytes']:5.2f}x  "
                   f"objective {r['objective'] / base['objective']:.4f}x")
+    for n in args.sizes:
+        exact, gd = by.get(("mixray-lazy", n)), by.get(("mixray-greedi4", n))
+        if exact and gd:
+            print(f"  N={n:>6} GreeDi (4 partitions) objective / exact lazy: "
+                  f"{gd['objective'] / exact['objective']:.4f}")
     big = by.get(("mixray-lazy", args.big))
     if big is not None:
         print(f"  N={args.big} K={args.big_k} mixray-lazy: {big['seconds'] / 60:.1f} min, "

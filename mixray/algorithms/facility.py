@@ -14,20 +14,21 @@ vector ``cur`` ([N] float32). Everything else is a cache that the caller bounds.
 
 Exactness and determinism
 -------------------------
-Every marginal gain is a sum of *quantised* terms::
+Similarities are quantised once, to integers on a 2^-22 grid::
 
-    T(s, c) = floor(max(0, 2^e·s − 2^e·c))          (e = 30 for N < 4M)
+    s_q(a, v) = floor(2^22 · sim(a, v))       (|s_q| ≤ 2^22; the grid step 2.4e-7 is float32 GEMM noise)
 
-Each term is an integer below 2^31, so a float64 sum of up to 2^22 of them is
-exact in any order. Gains therefore do not depend on blocking, batching,
+and the running max ``cur`` lives in the same units. Every value is an integer
+below 2^24, so float32 arithmetic on them (differences, clamps) is exact, and
+a gain ``Σ_v max(0, s_q − cur_v)`` summed in float64 is exact in any order (up
+to 2^31 points). Gains therefore do not depend on blocking, batching,
 sharding or summation order, and the naive, lazy, stochastic and sharded
-greedies see bit-identical gains for the same state. The scaling by 2^e is
-folded into the embeddings (``xs = 2^(e/2)·x``, exact in float32), so
-similarities are produced directly in scaled units. Bit-identical
-similarities additionally need the BLAS to compute a dot product the same way
-in every matrix shape; with MKL this holds once both GEMM dimensions are at
-least 16, so :func:`sims` pads them (on other BLAS builds results agree up to
-float32 rounding).
+greedies see bit-identical gains for the same state. The factor 2^22 is folded
+into the embeddings (``xs = 2^11·x``, exact in float32), so matrix products
+give scaled similarities directly. Bit-identical similarities also need the
+BLAS to compute a dot product the same way in every matrix shape; with MKL
+this holds once both GEMM dimensions are at least 16, so :func:`qsims` pads
+them (on other BLAS builds results agree up to float32 rounding).
 
 How the exact greedy stays fast (:class:`ColumnShard`)
 -------------------------------------------------------
@@ -99,10 +100,34 @@ class gemm_threads:
             torch.set_num_threads(self.before)
 
 
+def _load_malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``; no-op elsewhere).
+
+    The first pass and compactions free many MB-sized temporaries of varying
+    sizes; glibc keeps them in the heap, which measured +40% RSS at N = 50K.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+SCALE_EXP = 22  # similarities are integers in units of 2^-22
+
+
 def scale_exponent(n: int) -> int:
-    """Even exponent e such that N terms below 2^(e+1) sum exactly in float64 (e ≤ 30)."""
-    e = min(30, 52 - max(1, math.ceil(math.log2(max(n, 2)))))
-    return e - (e % 2)
+    """The similarity grid exponent (fixed: integers below 2^24 keep float32 arithmetic exact)."""
+    return SCALE_EXP
 
 
 def big_value(e: int) -> float:
@@ -114,11 +139,12 @@ def _round_up(n: int) -> int:
     return max(_PAD, -(-n // _PAD) * _PAD)
 
 
-def sims(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b.T`` ([r, d] x [c, d] -> [r, c]) with both GEMM dims padded to multiples of 16.
+def qsims(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Quantised similarities ``floor(a @ b.T)`` ([r, d] x [c, d] -> [r, c], integer-valued float32).
 
-    The padding makes each entry bit-identical whatever the shapes of the call,
-    so gains computed in different batches agree exactly (see module docstring).
+    ``a``, ``b`` are scaled embeddings (``2^11·x``), so this is ``floor(2^22·cos)``.
+    Both GEMM dims are padded to multiples of 16: each entry is then bit-identical
+    whatever the shapes of the call, so gains computed in different batches agree.
     """
     r, c = a.shape[0], b.shape[0]
     rp, cp = _round_up(r), _round_up(c)
@@ -127,12 +153,9 @@ def sims(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if cp != c:
         b = torch.cat([b, b.new_zeros(cp - c, b.shape[1])])
     out = a @ b.T
-    return out[:r, :c].contiguous() if (rp != r or cp != c) else out
-
-
-def quantised_terms_(x: torch.Tensor) -> torch.Tensor:
-    """In place: ``x -> floor(max(0, x))`` (x = scaled sim − scaled cur). Returns x."""
-    return x.floor_().clamp_(min=0)
+    if rp != r or cp != c:
+        out = out[:r, :c].contiguous()
+    return out.floor_()
 
 
 class Workspace:
@@ -148,40 +171,53 @@ class Workspace:
         return self.buf[:n].view(s.shape)
 
 
-def gain_sums(s: torch.Tensor, cur: torch.Tensor, dim: int = 1,
-              ws: Workspace | None = None) -> torch.Tensor:
-    """Exact Σ T over ``dim`` of a scaled similarity block; ``cur`` broadcasts against ``s``.
+def gain_sums(s: torch.Tensor, cur: torch.Tensor, dim: int = 1, ws: Workspace | None = None,
+              cap: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact ``Σ max(0, s − cur)`` over ``dim`` (or ``Σ min(max(0, s − cur), cap)``).
 
-    ``s`` [r, c] float32 (not modified), ``cur`` [c] (dim=1) or [r, 1] (dim=0).
-    Returns float64 [r] (dim=1) or [c] (dim=0), integer-valued, order-independent.
+    ``s`` [r, c] quantised similarities (not modified), ``cur``/``cap``
+    broadcast against ``s`` ([c] for dim=1, [r, 1] for dim=0). With
+    ``cur = cur_then``, ``cap = cur_now − cur_then`` the result is the drop
+    ``Σ max(0, s − cur_then) − max(0, s − cur_now)`` in one pass (exact: integers).
+    Returns float64 [r] (dim=1) or [c] (dim=0).
     """
     x = torch.sub(s, cur, out=ws.like(s)) if ws is not None else s - cur
-    return quantised_terms_(x).sum(dim, dtype=torch.float64)
+    x.clamp_(min=0)
+    if cap is not None:
+        torch.minimum(x, cap, out=x)
+    return x.sum(dim, dtype=torch.float64)
 
 
-def dense_gains(xr: torch.Tensor, xcols: torch.Tensor, curs: Sequence[torch.Tensor],
-                col_index: torch.Tensor | None = None,
-                ws: Workspace | None = None) -> list[torch.Tensor]:
-    """For each scaled running max in ``curs`` ([c] each), the exact gains of rows ``xr``.
+def dense_gains(xr: torch.Tensor, xcols: torch.Tensor, cur: torch.Tensor | None,
+                col_index: torch.Tensor | None = None, ws: Workspace | None = None,
+                cap: torch.Tensor | None = None,
+                groups: Sequence[tuple[int, int, torch.Tensor, torch.Tensor | None]] = ()
+                ) -> torch.Tensor:
+    """Exact gains (float64 [r]) of rows ``xr`` over columns ``xcols`` (or ``xcols[col_index]``).
 
-    ``xr`` [r, d] scaled candidate embeddings, ``xcols`` [n, d] scaled column
-    embeddings, ``col_index`` (optional [c] long) picks the columns; ``curs``
-    are aligned with the picked columns. Blocked over rows and columns so the
-    temporary similarity block stays a few MB. Returns ``len(curs)`` float64 [r].
+    ``xr`` [r, d], ``xcols`` [n, d] scaled embeddings; ``cur`` (and optional
+    ``cap``, see :func:`gain_sums`) are aligned with the picked columns. With
+    ``groups`` = [(row0, row1, cur, cap), ...] each contiguous row range uses its
+    own vectors, while the column gather and the matrix product are shared.
+    Blocked over rows and columns so the similarity block stays a few MB.
     """
     ws = ws or Workspace(xr.device)
     r = xr.shape[0]
     c = xcols.shape[0] if col_index is None else col_index.shape[0]
-    outs = [torch.zeros(r, dtype=torch.float64, device=xr.device) for _ in curs]
+    groups = list(groups) or [(0, r, cur, cap)]
+    out = torch.zeros(r, dtype=torch.float64, device=xr.device)
     for j0 in range(0, c, COL_BLOCK):
         j1 = min(c, j0 + COL_BLOCK)
         xc = xcols[j0:j1] if col_index is None else xcols[col_index[j0:j1]]
         for i0 in range(0, r, ROW_BLOCK):
             i1 = min(r, i0 + ROW_BLOCK)
-            s = sims(xr[i0:i1], xc)
-            for out, cur in zip(outs, curs, strict=True):
-                out[i0:i1] += gain_sums(s, cur[j0:j1], ws=ws)
-    return outs
+            s = qsims(xr[i0:i1], xc)
+            for g0, g1, gcur, gcap in groups:
+                a, b = max(g0, i0), min(g1, i1)
+                if a < b:
+                    out[a:b] += gain_sums(s[a - i0:b - i0], gcur[j0:j1], ws=ws,
+                                          cap=None if gcap is None else gcap[j0:j1])
+    return out
 
 
 def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
@@ -324,7 +360,7 @@ def choose_threshold(xs: torch.Tensor, xcols: torch.Tensor, n_candidates: int,
     if capacity <= 0 or xcols.shape[0] == 0:
         return math.inf
     idx = torch.linspace(0, xs.shape[0] - 1, min(sample_rows, xs.shape[0]), device=xs.device).long()
-    s = sims(xs[idx], xcols).flatten()
+    s = qsims(xs[idx], xcols).flatten()
     frac = 0.6 * capacity / (float(n_candidates) * xcols.shape[0])
     positive = float((s > 0).float().mean())
     if frac >= positive:
@@ -412,7 +448,7 @@ class ColumnShard:
 
     def _raise_theta(self, theta: float) -> float:
         idx = torch.linspace(0, self.n_pool - 1, min(64, self.n_pool), device=self.device).long()
-        s = sims(self.xs[idx], self.xc).flatten()
+        s = qsims(self.xs[idx], self.xc).flatten()
         kept = s[s > theta]
         if len(kept) < 2:
             return math.inf
@@ -441,7 +477,7 @@ class ColumnShard:
             chunks = []
             for j0 in range(0, self.n, COL_BLOCK):
                 j1 = min(self.n, j0 + COL_BLOCK)
-                s = sims(xr, self.xc[j0:j1])
+                s = qsims(xr, self.xc[j0:j1])
                 out[i0:i1] += gain_sums(s, curd[j0:j1], ws=self.ws)
                 if use_cache:
                     fl = flat_nonzero(s > self.theta)
@@ -450,6 +486,8 @@ class ColumnShard:
                     chunks.append(((fl // w).int(), (fl % w + j0).int(), s.view(-1)[fl]))
             if use_cache:
                 builder.add_block(cand[i0:i1], i1 - i0, chunks)
+            if (i0 // ROW_BLOCK) % 8 == 7:
+                trim_heap()
         return out
 
     def _first_pass_symmetric(self, builder, use_cache) -> torch.Tensor:
@@ -463,7 +501,7 @@ class ColumnShard:
             xi = self.xc[i0:i1]
             for bj in range(bi, nb):
                 j0, j1 = bj * b, min(n, (bj + 1) * b)
-                s = sims(xi, self.xc[j0:j1])
+                s = qsims(xi, self.xc[j0:j1])
                 if use_cache:
                     m = s > self.theta
                     w, h = j1 - j0, i1 - i0
@@ -476,10 +514,11 @@ class ColumnShard:
                         pending[bj].append((jr.int(), (ic + i0).int(), s.view(-1)[ic * w + jr]))
                 out[i0:i1] += gain_sums(s, curd[j0:j1], ws=self.ws)
                 if bj != bi:
-                    out[j0:j1] += quantised_terms_(s.sub_(curd[i0:i1, None])).sum(0, dtype=torch.float64)
+                    out[j0:j1] += s.sub_(curd[i0:i1, None]).clamp_(min=0).sum(0, dtype=torch.float64)
             if use_cache:
                 builder.add_block(slice(i0, i1), i1 - i0, pending[bi])
             pending[bi] = []
+            trim_heap()
         return out
 
     # -- evaluation ----------------------------------------------------------------------------
@@ -492,7 +531,7 @@ class ColumnShard:
             lens, cols, vals = self.rows.gather(cand[a:b])
             self.stats["sparse_terms"] += len(vals)
             self._since_compact += len(vals)
-            terms = quantised_terms_(vals - torch.index_select(cur_sp, 0, cols))
+            terms = (vals - torch.index_select(cur_sp, 0, cols)).clamp_(min=0)
             out[a:b] = segment_sums(terms, lens)
         return out
 
@@ -529,23 +568,20 @@ class ColumnShard:
         rows.cols = rows.cols[:base]
         rows.vals = rows.vals[:base]
         self.stats["compactions"] += 1
+        trim_heap()
 
     def _reset_log(self) -> None:
         self.t0 = self.step
         self._log_len = 0
         self._log_off = [0]
 
-    def _log_range(self, tau: int) -> tuple[int, int]:
-        return self._log_off[tau - self.t0], self._log_len
-
     def evaluate(self, cand: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         """Exact partial gains (float64 [B], scaled) of ``cand`` at the current step.
 
         ``tau`` [B]: the step at which each candidate was last evaluated (its
-        dense part ``dref`` is exact at that step). Candidates whose change log
-        since tau is shorter than the uncovered set are updated by delta (one
-        product per distinct tau); the others are recomputed over the
-        uncovered columns in a single product.
+        dense part ``dref`` is exact at that step). A candidate whose change log
+        since tau is shorter than the uncovered set is updated by delta, the
+        others are recomputed over the uncovered columns (one product).
         """
         cand = cand.to(self.device)
         tau = tau.to(self.device)
@@ -555,20 +591,26 @@ class ColumnShard:
         if len(unc):
             fresh = torch.ones(len(cand), dtype=torch.bool, device=self.device)
             taus, inverse = torch.unique(tau, return_inverse=True)
+            deltas = []
             for gi, t in enumerate(taus.tolist()):
                 lo, hi = self._log_range(int(t))
-                if hi - lo >= len(unc):
-                    continue
-                members = (inverse == gi).nonzero().flatten()
-                fresh[members] = False
-                dense[members] = self._delta(cand[members], lo, hi)
+                if hi - lo < len(unc):
+                    members = (inverse == gi).nonzero().flatten()
+                    fresh[members] = False
+                    deltas.append((lo, members))
+            if deltas:
+                self._delta(cand, deltas, dense)
             if bool(fresh.any()):
                 members = fresh.nonzero().flatten()
                 self.stats["fresh_groups"] += 1
                 self.stats["dense_pairs"] += len(members) * len(unc)
                 with gemm_threads(self.threads):
-                    dense[members] = dense_gains(self.xs[cand[members]], self.xc, [self.cur[unc]],
-                                                 unc, ws=self.ws)[0]
+                    if len(unc) > 0.75 * self.n:  # nearly all columns: no gather, mask the rest
+                        dense[members] = dense_gains(self.xs[cand[members]], self.xc,
+                                                     self._cur_dense(), ws=self.ws)
+                    else:
+                        dense[members] = dense_gains(self.xs[cand[members]], self.xc,
+                                                     self.cur[unc], unc, ws=self.ws)
         self.dref[cand] = dense
         return dense + self._sparse_part(cand)
 
@@ -577,32 +619,68 @@ class ColumnShard:
             return 0, math.inf
         return self._log_off[tau - self.t0], self._log_len
 
-    def _delta(self, cand: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """Dense part now = dense part at tau − the change of the terms of columns changed since."""
-        self.stats["delta_groups"] += 1
-        if hi == lo:
-            return self.dref[cand]
-        changed, inv = torch.unique(self._log_idx[lo:hi], return_inverse=True)
-        # cur is non-decreasing, so cur at tau is the smallest logged old value.
-        cur_tau = torch.full((len(changed),), self.big, dtype=torch.float32, device=self.device)
-        cur_tau.scatter_reduce_(0, inv, self._log_old[lo:hi], reduce="amin")
+    def _delta(self, cand: torch.Tensor, deltas: list[tuple[int, torch.Tensor]],
+               dense: torch.Tensor) -> None:
+        """Dense part now = dense part at tau − the drop of the terms of columns changed since.
+
+        ``deltas``: (log offset of tau, positions in ``cand``) per distinct tau.
+        The columns changed since a later tau are a subset of those changed
+        since an earlier one, so groups whose change sets differ by less than
+        25% share one column gather and one matrix product over the larger set;
+        each group applies its own running max at its tau (``a``), capped by the
+        rise since (``cap``), and columns it has not seen change contribute 0.
+        """
+        hi = self._log_len
+        deltas = sorted(deltas, key=lambda d: -d[0])  # smallest change set first
+        bucket: list[tuple[int, torch.Tensor]] = []
+        for lo, members in deltas:
+            if hi == lo:  # nothing changed since tau
+                dense[members] = self.dref[cand[members]]
+                continue
+            if bucket:
+                first = hi - bucket[0][0]
+                rows = sum(len(m) for _, m in bucket)
+                if hi - lo > 1.25 * first and rows >= 64:
+                    self._delta_bucket(cand, bucket, dense)
+                    bucket = []
+            bucket.append((lo, members))
+        if bucket:
+            self._delta_bucket(cand, bucket, dense)
+
+    def _delta_bucket(self, cand: torch.Tensor, bucket: list[tuple[int, torch.Tensor]],
+                      dense: torch.Tensor) -> None:
+        hi = self._log_len
+        lo_min = min(lo for lo, _ in bucket)
+        changed = torch.unique(self._log_idx[lo_min:hi])  # sorted
         now = self.cur[changed]
-        cur_now = torch.where(now < self.theta, now, torch.full_like(now, self.big))
-        self.stats["dense_pairs"] += len(cand) * len(changed)
-        self.stats["delta_pairs"] += len(cand) * len(changed)
+        now_d = torch.where(now < self.theta, now, torch.full_like(now, self.big))
+        groups, rows, r0 = [], [], 0
+        for lo, members in bucket:
+            # cur is non-decreasing, so cur at tau is the smallest old value logged since tau;
+            # columns unchanged since tau keep now_d (cap 0: no contribution).
+            a = now_d.clone()
+            pos = torch.searchsorted(changed, self._log_idx[lo:hi])
+            a.scatter_reduce_(0, pos, self._log_old[lo:hi], reduce="amin")
+            groups.append((r0, r0 + len(members), a, now_d - a))
+            rows.append(members)
+            r0 += len(members)
+        rows = torch.cat(rows)
+        self.stats["delta_groups"] += 1
+        self.stats["dense_pairs"] += len(rows) * len(changed)
+        self.stats["delta_pairs"] += len(rows) * len(changed)
         with gemm_threads(self.threads):
-            before, after = dense_gains(self.xs[cand], self.xc, [cur_tau, cur_now], changed,
-                                        ws=self.ws)
-        return self.dref[cand] - (before - after)
+            drop = dense_gains(self.xs[cand[rows]], self.xc, None, changed, ws=self.ws,
+                               groups=groups)
+        dense[rows] = self.dref[cand[rows]] - drop
 
     # -- selection -----------------------------------------------------------------------------
     def _row_sims(self, a: int, col_index: torch.Tensor | None) -> torch.Tensor:
         """Scaled sims of pool point ``a`` with the shard's columns (all, or ``col_index``)."""
         xa = self.xs[a:a + 1]
         if col_index is None:
-            return torch.cat([sims(xa, self.xc[j:j + COL_BLOCK])[0]
+            return torch.cat([qsims(xa, self.xc[j:j + COL_BLOCK])[0]
                               for j in range(0, self.n, COL_BLOCK)])
-        return torch.cat([sims(xa, self.xc[col_index[j:j + COL_BLOCK]])[0]
+        return torch.cat([qsims(xa, self.xc[col_index[j:j + COL_BLOCK]])[0]
                           for j in range(0, len(col_index), COL_BLOCK)])
 
     def select(self, a: int) -> tuple[float, float]:
@@ -629,7 +707,7 @@ class ColumnShard:
         up = torch.cat(ups) if ups else torch.empty(0, dtype=torch.long, device=self.device)
         new = torch.cat(news) if news else torch.empty(0, dtype=torch.float32, device=self.device)
         old = self.cur[up]
-        gain = float(quantised_terms_(new - old).sum(dtype=torch.float64))
+        gain = float((new - old).sum(dtype=torch.float64))  # new > old: integers
         logged = old < self.theta
         if bool(logged.any()):
             self._append_log(up[logged], old[logged])
@@ -884,7 +962,7 @@ def naive_greedy(xs: torch.Tensor, q: torch.Tensor, alpha: float, k: int, *, sca
     qd = q.to(torch.float64)
     for t in range(len(sel), k):
         idx = active.nonzero().flatten()
-        g = dense_gains(xs[idx.to(xs.device)], shard.xc, [shard.cur])[0].cpu()
+        g = dense_gains(xs[idx.to(xs.device)], shard.xc, shard.cur).cpu()
         f = _score(g, qd[idx], alpha, n, scale_exp)
         i = int(torch.argmax(f))
         best = int(idx[i])
@@ -923,11 +1001,11 @@ def ranking_gains(xs: torch.Tensor, ranking: np.ndarray, scale_exp: int,
     gains = np.empty(len(ranking), dtype=np.float64)
     r = torch.as_tensor(np.asarray(ranking, dtype=np.int64), device=xs.device)
     for c0 in range(0, len(r), chunk):
-        rows = torch.cat([sims(xs[r[c0:c0 + chunk]], xs[j:j + COL_BLOCK])
+        rows = torch.cat([qsims(xs[r[c0:c0 + chunk]], xs[j:j + COL_BLOCK])
                           for j in range(0, n, COL_BLOCK)], dim=1)
         for i in range(rows.shape[0]):
             s = rows[i]
-            gains[c0 + i] = float(quantised_terms_(s - cur).sum(dtype=torch.float64)) * 2.0 ** -scale_exp
+            gains[c0 + i] = float((s - cur).clamp_(min=0).sum(dtype=torch.float64)) * 2.0 ** -scale_exp
             torch.maximum(cur, s, out=cur)
     return gains, cur.cpu().numpy()
 

@@ -72,8 +72,8 @@ def test_gains_match_float64_reference(real):
     rng = np.random.default_rng(0)
     cur = np.maximum(0, x[rng.choice(len(x), 3)] @ x.T).max(0)  # running max of 3 picks
     e = pool.scale_exp
-    cur_s = torch.from_numpy((cur * 2.0 ** e).astype(np.float32))
-    got = fl.dense_gains(pool.xs[:50], pool.xs, [cur_s])[0].numpy() * 2.0 ** -e
+    cur_s = torch.from_numpy(np.floor(cur * 2.0 ** e).astype(np.float32))
+    got = fl.dense_gains(pool.xs[:50], pool.xs, cur_s).numpy() * 2.0 ** -e
     ref = np.maximum(0, x[:50].astype(np.float64) @ x.T.astype(np.float64) - cur).sum(1)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
 
@@ -82,10 +82,10 @@ def test_gains_do_not_depend_on_blocking(real, monkeypatch):
     x, _ = real
     pool = _pool(x)
     cur = torch.zeros(len(x))
-    a = fl.dense_gains(pool.xs, pool.xs, [cur])[0]
+    a = fl.dense_gains(pool.xs, pool.xs, cur)
     monkeypatch.setattr(fl, "ROW_BLOCK", 48)
     monkeypatch.setattr(fl, "COL_BLOCK", 100)
-    b = fl.dense_gains(pool.xs[torch.arange(len(x) - 1, -1, -1)], pool.xs, [cur])[0].flip(0)
+    b = fl.dense_gains(pool.xs[torch.arange(len(x) - 1, -1, -1)], pool.xs, cur).flip(0)
     assert torch.equal(a, b)
 
 
