@@ -191,7 +191,7 @@ def launch(method: str, n: int, k: int, budget_mb: float, tmp: str, timeout: flo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 20_000])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[10_000, 20_000])
     ap.add_argument("--k", type=int, default=1000)
     ap.add_argument("--methods", nargs="+", default=["apricot-lazy", "apricot-stochastic", "mixray-lazy",
                                                      "mixray-stochastic", "mixray-sharded2",
@@ -199,7 +199,7 @@ def main() -> None:
     ap.add_argument("--budget-mb", type=float, default=512, help="mixray memory_budget_mb at 10K/20K")
     ap.add_argument("--big", type=int, default=200_000)
     ap.add_argument("--big-k", type=int, default=10_000)
-    ap.add_argument("--big-budget-mb", type=float, default=2048)
+    ap.add_argument("--big-budget-mb", type=float, default=1536)
     ap.add_argument("--skip-big", action="store_true")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--threads", type=int, default=None,

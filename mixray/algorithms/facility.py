@@ -36,8 +36,8 @@ How the exact greedy stays fast (:class:`ColumnShard`)
   columns are the same set it uses symmetry: each block ``S_IJ`` yields the
   gains of rows I over columns J and of rows J over columns I).
 * The same pass keeps the pairs with ``sim > θ`` in a sparse matrix H (CSR by
-  candidate, exact float32 values), θ chosen from a sample of similarities so
-  that H fits the memory budget. A column v is *covered* once ``cur_v ≥ θ``;
+  candidate, the same quantised values), θ chosen from a sample of
+  similarities so that H fits the memory budget. A column v is *covered* once ``cur_v ≥ θ``;
   from then on only H entries can contribute to any gain at v, so the
   contribution of covered columns is a cheap sparse sum.
 * Uncovered columns W are handled densely. A candidate's dense part is kept
@@ -47,9 +47,14 @@ How the exact greedy stays fast (:class:`ColumnShard`)
   column) this is the expensive part; as the selection covers the pool, W
   empties and every evaluation becomes sparse.
 * Lazy evaluation (Minoux): the last exact gain of a candidate is an upper
-  bound of its current gain (d is submodular, q modular); each round evaluates
-  the stale candidates with the largest bounds in one batch (one matrix
-  product) until the best bound is fresh.
+  bound of its current gain (d is submodular, q modular); each round evaluates,
+  in one batch, the stale candidates whose bound can still beat the best fresh
+  value, largest first, until the best bound is fresh. Rounds look only at a
+  shortlist of the largest bounds (rebuilt when the best bound outside it may
+  win), so they cost O(shortlist), not O(N).
+* Measured on clustered data, nearly all the dense work happens in the first
+  ~100 steps (each early pick nudges the running max of half the pool); after
+  that the run is sparse.
 """
 
 from __future__ import annotations
@@ -74,7 +79,6 @@ _PAD = 16  # MKL computes a dot product identically in every GEMM shape once bot
 ROW_BLOCK = 512  # candidate rows per matrix product
 COL_BLOCK = 4096  # columns per matrix product (a 512 x 4096 float32 block is 8 MB)
 SYM_BLOCK = 1024  # square blocks of the symmetric first pass
-MAX_EXACT_N = 1 << 22
 
 
 class gemm_threads:
