@@ -257,9 +257,13 @@ def write_sweep(rows: list[dict], table: Path, plot: Path, k: int) -> None:
     pts = [r for r in rows if r["alpha"] is not None]
     ax.plot([r["diversity"] for r in pts], [r["quality_mean"] for r in pts], "o-", color="C0",
             label="QDIT")
-    for r in pts:
-        ax.annotate(f"α={r['alpha']:g}", (r["diversity"], r["quality_mean"]),
-                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+    labels: dict[tuple[float, float], list[str]] = {}
+    for r in pts:  # alphas that pick the same set share one label
+        key = (round(r["diversity"], 6), round(r["quality_mean"], 6))
+        labels.setdefault(key, []).append(f"{r['alpha']:g}")
+    for (x, y), alphas in labels.items():
+        ax.annotate("α=" + ", ".join(alphas), (x, y), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
     rnd = [r for r in rows if r["alpha"] is None]
     if rnd:
         ax.axhline(rnd[0]["quality_mean"], color="C3", lw=1, ls="--", label="random (quality)")
