@@ -164,30 +164,36 @@ def _selector(cfg: SelectConfig, alpha: float, seed: int, callback=None):
 
 def select_one(cfg: SelectConfig, alpha: float, x: np.ndarray, q: np.ndarray, seed: int,
                ckpt: Path | None, fp: str) -> dict:
-    """Run one selection (resuming from ``ckpt``); returns ranking, gains, scores and summary."""
+    """Run one selection (resuming from ``ckpt``); returns ranking, gains, scores and summary.
+
+    Checkpoints cover the greedy (``qdit`` with α < 1, local or sharded); GreeDi
+    only keeps a finished selection.
+    """
     from mixray.algorithms import qdit
+    from mixray.algorithms.facility import GreedyState
 
     t0 = time.perf_counter()
     greedy = cfg.method == "qdit" and alpha < 1.0
-    state = load_checkpoint(ckpt, fp) if (ckpt is not None and greedy) else None
-    callback = (lambda st: save_checkpoint(ckpt, st, fp)) if (ckpt is not None and greedy) else None
+    use_ckpt = ckpt is not None and greedy
+    state = load_checkpoint(ckpt, fp) if use_ckpt else None
     if state is not None:
         log.info("select[alpha=%s]: resuming from checkpoint at step %d of %d", alpha, state.step, cfg.k)
     extra: dict = {}
-    if state is not None and state.step == cfg.k:
-        ranking, gains, scores, cur, e = state.selected, state.gains, state.scores, state.cur, state.scale_exp
+    if state is not None and state.step == cfg.k:  # this alpha finished before the interruption
+        final = state
     elif greedy and cfg.distributed == "greedi":
         from mixray.distributed.selection import greedi_select
 
-        res, picks, pool = greedi_select(
+        res, picks, _ = greedi_select(
             x, q, cfg.k, alpha, partitions=cfg.partitions, optimizer=cfg.optimizer, seed=seed,
             memory_budget_mb=cfg.memory_budget_mb, epsilon=cfg.epsilon, normalize_quality=False,
             num_gpus=cfg.num_gpus, num_cpus=cfg.num_cpus, threads=cfg.threads, device=cfg.device)
-        ranking, gains, scores, cur, e = res.ranking, res.gains, res.scores, res.cur, res.scale_exp
+        if len(res.ranking) < cfg.k:
+            raise InputError(f"select: GreeDi found only {len(res.ranking)} < k={cfg.k} candidates")
+        final = res.state()
         extra = {"greedi_partitions": len(picks), "greedi_union": int(sum(len(p) for p in picks))}
-        if len(ranking) < cfg.k:
-            raise InputError(f"select: GreeDi found only {len(ranking)} < k={cfg.k} candidates")
     else:
+        callback = (lambda st: save_checkpoint(ckpt, st, fp)) if use_ckpt else None
         sel = _selector(cfg, alpha, seed, callback)
         if greedy and cfg.distributed == "sharded":
             from mixray.distributed.selection import sharded_select
@@ -197,23 +203,18 @@ def select_one(cfg: SelectConfig, alpha: float, x: np.ndarray, q: np.ndarray, se
         else:
             sel.fit(x, q, initial_state=state)
         extra = {"stats": sel.stats_} if sel.stats_ else {}
-        if sel.state_ is not None:
-            ranking, gains, scores, cur, e = (sel.ranking_, sel.gains_, sel.scores_,
-                                              sel.state_.cur, sel.state_.scale_exp)
-        else:
-            return {"ranking": sel.ranking_, "gains": sel.gains_, "scores": sel.scores_,
-                    "summary": {"alpha": alpha, "objective": sel.objective_,
-                                "diversity": sel.diversity_, "quality_mean": sel.quality_mean_,
-                                "k": len(sel.ranking_),
-                                "time_s": round(time.perf_counter() - t0, 3)}}
-    if ckpt is not None and greedy and cfg.checkpoint_every:
-        from mixray.algorithms.facility import GreedyState
-
-        save_checkpoint(ckpt, GreedyState(ranking, gains, scores, cur, e), fp)  # alpha done
-    obj, div, qm = qdit.score_from_cur(cur, e, q[ranking], alpha)
-    return {"ranking": ranking, "gains": gains, "scores": scores,
+        # baselines and alpha = 1 have no greedy state: score them from the selector
+        final = sel.state_ or GreedyState(sel.ranking_, sel.gains_, sel.scores_, None, 0)
+        summary = (sel.objective_, sel.diversity_, sel.quality_mean_)
+    if final.cur is not None:
+        if use_ckpt and cfg.checkpoint_every:
+            save_checkpoint(ckpt, final, fp)  # keeps a finished alpha of a sweep
+        summary = qdit.score_from_cur(final.cur, final.scale_exp, q[final.selected], alpha)
+    obj, div, qm = summary
+    return {"ranking": final.selected, "gains": final.gains, "scores": final.scores,
             "summary": {"alpha": alpha, "objective": obj, "diversity": div, "quality_mean": qm,
-                        "k": len(ranking), "time_s": round(time.perf_counter() - t0, 3)} | extra}
+                        "k": len(final.selected), "time_s": round(time.perf_counter() - t0, 3)}
+            | extra}
 
 
 def selection_table(ids: np.ndarray, q: np.ndarray, res: dict, meta: dict) -> pa.Table:
