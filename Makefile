@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup demo test lint bench bench-embed bench-train clean lock
+.PHONY: setup demo test lint bench bench-embed bench-select bench-kmeans bench-train clean lock
 
 setup: $(STAMP)
 
@@ -41,6 +41,15 @@ bench-embed: $(VENV)/.mixray-bench
 
 bench-train: $(VENV)/.mixray-bench
 	$(BIN)/python benchmarks/bench_train.py
+
+bench-select: $(VENV)/.mixray-bench
+	$(BIN)/python benchmarks/bench_select.py
+
+bench-kmeans: $(VENV)/.mixray-bench
+	$(BIN)/python benchmarks/bench_kmeans.py
+
+# Every benchmark, one after the other (about an hour on 2 cores; run on a quiet machine).
+bench: bench-embed bench-select bench-kmeans bench-train
 
 lock:
 	$(PIP) freeze --exclude-editable | grep -v '^mixray' | sed 's/+cpu//' > requirements/constraints-cpu.txt

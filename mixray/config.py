@@ -32,8 +32,13 @@ TrainLoss = Literal["ntp", "mdit", "sftmix"]
 TrainData = Literal["auto", "all", "select", "cluster"]
 TrainPrecision = Literal["auto", "fp32", "bf16", "fp16"]
 TrainPreset = Literal["none", "sftmix", "mdit"]
-StageName = Literal["ingest", "embed", "score", "mix", "cluster", "train"]
-STAGE_ORDER: tuple[StageName, ...] = ("ingest", "embed", "score", "mix", "cluster", "train")
+SelectMethod = Literal["qdit", "random", "quality", "threshold", "cluster"]
+SelectOptimizer = Literal["lazy", "naive", "stochastic"]
+SelectDistributed = Literal["none", "sharded", "greedi"]
+Device = Literal["auto", "cpu", "cuda"]
+StageName = Literal["ingest", "embed", "score", "select", "mix", "cluster", "train"]
+STAGE_ORDER: tuple[StageName, ...] = (
+    "ingest", "embed", "score", "select", "mix", "cluster", "train")
 
 
 class _Strict(BaseModel):
@@ -329,6 +334,58 @@ def _fill(data: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+class SelectConfig(_Strict):
+    """QDIT selection (methods.md §1): K examples maximising (1-a)*d(A)/N + a*mean q(A).
+
+    ``alpha`` may be a list (a sweep): one selection per value, the first one
+    is the main selection (``selection.parquet``, ``selected.jsonl``).
+    """
+
+    method: SelectMethod = Field(
+        default="qdit", description="qdit | random | quality (top-K) | threshold | cluster")
+    k: int = Field(default=1000, ge=1, description="examples to select (at most the pool size)")
+    alpha: float | list[float] = Field(
+        default=0.7, description="quality weight in [0, 1]; 0 = pure diversity, 1 = top-K quality")
+    optimizer: SelectOptimizer = Field(
+        default="lazy", description="lazy (exact, fast) | naive (exact reference) | stochastic")
+    epsilon: float = Field(default=0.01, gt=0, lt=1,
+                           description="stochastic greedy: ceil(N/K*ln(1/epsilon)) samples per step")
+    seed: int | None = Field(default=None, description="default: the run's seed")
+    distributed: SelectDistributed = Field(
+        default="none", description="none | sharded (exact, P actors) | greedi (approximate)")
+    actors: int = Field(default=2, ge=1, description="sharded: number of shard actors")
+    partitions: int = Field(default=4, ge=1, description="greedi: number of partitions")
+    num_cpus: float = Field(default=1, gt=0, description="CPUs reserved per actor/task")
+    num_gpus: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
+        default="auto", description="GPUs per actor; auto = 1 when the cluster has GPUs, else 0")
+    threads: int | None = Field(default=None, ge=1,
+                                description="torch threads (driver and each CPU actor)")
+    memory_budget_mb: float = Field(
+        default=512, ge=0, description="sparse similarity cache (MB, total); 0 = fully matrix-free")
+    checkpoint_every: int = Field(default=100, ge=0,
+                                  description="greedy steps between checkpoints; 0 = never")
+    device: Device = Field(default="auto", description="auto (CUDA if present) | cpu | cuda")
+    tau: float = Field(default=0.5, ge=-1, le=1, description="threshold: max cosine to a kept point")
+    n_clusters: int = Field(default=100, ge=1, description="cluster: k-means clusters")
+
+    @field_validator("alpha")
+    @classmethod
+    def _alphas_in_range(cls, v: float | list[float]) -> float | list[float]:
+        values = v if isinstance(v, list) else [v]
+        if not values:
+            raise ValueError("alpha list is empty; give a number in [0, 1] or a non-empty list")
+        bad = [a for a in values if not (0.0 <= a <= 1.0)]
+        if bad:
+            raise ValueError(f"alpha values must be in [0, 1], got {bad}")
+        if len(set(values)) != len(values):
+            raise ValueError(f"alpha values must be distinct, got {values}")
+        return v
+
+    @property
+    def alphas(self) -> list[float]:
+        return [float(a) for a in (self.alpha if isinstance(self.alpha, list) else [self.alpha])]
+
+
 class RunConfig(_Strict):
     run_dir: str = "runs/default"
     seed: int = 0
@@ -339,6 +396,7 @@ class RunConfig(_Strict):
     ingest: IngestConfig
     embed: EmbedConfig = EmbedConfig()
     score: ScoreConfig = ScoreConfig()
+    select: SelectConfig = SelectConfig()
     mix: MixConfig = MixConfig()
     cluster: ClusterConfig = ClusterConfig()
     train: TrainConfig = TrainConfig()

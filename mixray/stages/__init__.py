@@ -17,6 +17,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "ingest": ("mixray.stages.ingest:stage", "read the sources into examples.parquet (+ rejects.parquet)"),
     "embed": ("mixray.stages.embed:stage", "embed the examples over a Ray Data actor pool"),
     "score": ("mixray.stages.score:stage", "score the examples' quality over a Ray Data actor pool"),
+    "select": ("mixray.stages.select:stage", "pick K examples by quality + diversity (QDIT)"),
     "mix": ("mixray.stages.mix:stage", "MDIT: plan cross-task mixes (pairs of similar length, λ) -> mix_plan.parquet"),
     "cluster": ("mixray.stages.cluster:stage", "MDIT: KMeans on originals + mixes over Ray actors, keep the nearest -> selection.parquet"),
     "train": ("mixray.stages.train:stage", "fine-tune on Ray Train + DeepSpeed (loss ntp | mdit | sftmix)"),

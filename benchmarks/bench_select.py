@@ -1,0 +1,263 @@
+"""Facility-location selection: mixray vs apricot, side by side (a benchmark, not a test).
+
+    make bench-select                       # or: .venv/bin/python benchmarks/bench_select.py
+    .venv/bin/python benchmarks/bench_select.py --sizes 10000 --skip-big   # quick
+
+Data: clustered Gaussian embeddings, d = 384 (100 centres ~ N(0, I), points =
+centre + N(0, I), L2-normalised: within-cluster cosine ≈ 0.5), seeded, generated
+identically in every process. α = 0 (apricot has no quality term).
+
+Each method runs in a fresh subprocess (so peak memory does not contaminate the
+others) and reports wall time of the selection call (data generation and
+``ray.init`` excluded; actor start-up included) and peak memory: the larger of
+the worker's ``ru_maxrss`` and the polled RSS sum over its process tree (Ray
+actors included; shared pages counted per process, so this over-estimates).
+Every ranking is then scored by the parent with ONE objective, mixray's
+``evaluate_ranking``: ``d(A)/N = mean_v max(0, max_{a∈A} cos(a, v))``. apricot's
+``metric="cosine"`` uses cos² as its similarity, so its ranking is judged, like
+every other, on the clipped-cosine facility location of methods.md.
+
+Sizes: N = 10K and 20K with K = 1,000 (apricot lazy + stochastic; mixray lazy,
+stochastic, 2-actor sharded, and GreeDi over 4 partitions for its objective
+against the exact run), then mixray lazy alone at N = 200K, K = 10,000
+(apricot would need a ~160 GB dense matrix there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+D = 384
+CLUSTERS = 100
+SIGMA = 1.0
+EPSILON = 0.01
+
+
+def clustered(n: int, d: int = D, k: int = CLUSTERS, sigma: float = SIGMA, seed: int = 0) -> np.ndarray:
+    """[n, d] float32 unit rows; generated in float32 chunks (no float64 copy)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((k, d), dtype=np.float32)
+    labels = rng.integers(0, k, n)
+    x = np.empty((n, d), dtype=np.float32)
+    for i in range(0, n, 65536):
+        j = min(n, i + 65536)
+        x[i:j] = centres[labels[i:j]] + sigma * rng.standard_normal((j - i, d), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+# -- worker side ---------------------------------------------------------------------------------
+
+
+class _Peak:
+    """Polls the RSS sum of this process and all its descendants (Ray workers included)."""
+
+    def __init__(self, interval: float = 0.1):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.peak = 0
+        self.interval = interval
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        import psutil
+
+        total = 0
+        for p in [self.proc, *self.proc.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._sample())
+
+
+def run_method(method: str, x: np.ndarray, k: int, budget_mb: float,
+               threads: int | None) -> tuple[np.ndarray, dict]:
+    info: dict = {}
+    if method.startswith("apricot"):
+        from apricot import FacilityLocationSelection
+
+        opt = method.split("-", 1)[1]
+        kw = {"optimizer_kwds": {"epsilon": EPSILON}} if opt == "stochastic" else {}
+        sel = FacilityLocationSelection(k, metric="cosine", optimizer=opt, random_state=0, **kw)
+        sel.fit(x)
+        return np.asarray(sel.ranking, dtype=np.int64), info
+    from mixray.algorithms.qdit import QDITSelector
+
+    if method in ("mixray-lazy", "mixray-stochastic"):
+        opt = method.split("-", 1)[1]
+        sel = QDITSelector(k, alpha=0.0, optimizer=opt, epsilon=EPSILON, seed=0,
+                           memory_budget_mb=budget_mb, device="cpu", threads=threads).fit(x)
+        info = {k_: int(v) for k_, v in sel.stats_.items()}
+        return sel.ranking_, info
+    if method == "mixray-sharded2":
+        from mixray.distributed.selection import sharded_select
+
+        sel = sharded_select(QDITSelector(k, alpha=0.0, memory_budget_mb=budget_mb, device="cpu"),
+                             x, None, 2, num_gpus=0, num_cpus=1, threads=1)
+        info = {k_: int(v) for k_, v in sel.stats_.items()}
+        return sel.ranking_, info
+    if method == "mixray-greedi4":
+        from mixray.distributed.selection import greedi_select
+
+        res, picks, _ = greedi_select(x, None, k, 0.0, partitions=4, memory_budget_mb=budget_mb,
+                                      num_gpus=0, num_cpus=1, threads=1, device="cpu")
+        return res.ranking, {"union": int(sum(len(p) for p in picks))}
+    raise SystemExit(f"unknown method {method}")
+
+
+def worker(method: str, n: int, k: int, budget_mb: float, out: str, threads: int | None) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    x = clustered(n)
+    if method in ("mixray-sharded2", "mixray-greedi4"):
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=1_000_000_000,
+                 log_to_driver=False)
+    with _Peak() as peak:
+        t0 = time.perf_counter()
+        ranking, info = run_method(method, x, k, budget_mb, threads)
+        secs = time.perf_counter() - t0
+    if method in ("mixray-sharded2", "mixray-greedi4"):
+        import ray
+
+        ray.shutdown()
+    np.save(out + ".npy", ranking)
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    Path(out + ".json").write_text(json.dumps({
+        "method": method, "n": n, "k": k, "seconds": secs, "peak_bytes": max(maxrss, peak.peak),
+        "maxrss_bytes": maxrss, "tree_peak_bytes": peak.peak, "info": info}))
+
+
+# -- parent side ---------------------------------------------------------------------------------
+
+
+def shared_objective(x: np.ndarray, ranking: np.ndarray) -> float:
+    from mixray.algorithms.qdit import evaluate_ranking
+
+    return evaluate_ranking(x, ranking, alpha=0.0, device="cpu").objective
+
+
+def launch(method: str, n: int, k: int, budget_mb: float, tmp: str, timeout: float,
+           threads: int | None) -> dict | None:
+    out = os.path.join(tmp, f"{method}-{n}")
+    cmd = [sys.executable, __file__, "--worker", method, str(n), str(k), str(budget_mb), out,
+           str(threads or 0)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"  {method:<20} N={n}: timed out after {timeout:.0f} s", flush=True)
+        return None
+    if proc.returncode != 0:
+        print(f"  {method:<20} N={n}: FAILED\n{proc.stderr[-3000:]}", flush=True)
+        return None
+    Path(out + ".log").write_text(proc.stderr)
+    res = json.loads(Path(out + ".json").read_text())
+    res["ranking"] = np.load(out + ".npy")
+    res["wall_with_startup"] = time.perf_counter() - t0
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="*", default=[10_000, 20_000])
+    ap.add_argument("--k", type=int, default=1000)
+    ap.add_argument("--methods", nargs="+", default=["apricot-lazy", "apricot-stochastic", "mixray-lazy",
+                                                     "mixray-stochastic", "mixray-sharded2",
+                                                     "mixray-greedi4"])
+    ap.add_argument("--budget-mb", type=float, default=512, help="mixray memory_budget_mb at 10K/20K")
+    ap.add_argument("--big", type=int, default=200_000)
+    ap.add_argument("--big-k", type=int, default=10_000)
+    ap.add_argument("--big-budget-mb", type=float, default=1536)
+    ap.add_argument("--skip-big", action="store_true")
+    ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for mixray's matrix products (default: torch's, = cores)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        m, n, k, b, out, th = args.worker
+        worker(m, int(n), int(k), float(b), out, int(th) or None)
+        return
+
+    print(f"bench_select: clustered Gaussian d={D} ({CLUSTERS} clusters, sigma={SIGMA}), alpha=0, "
+          f"epsilon={EPSILON}, {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f}, "
+          f"mixray threads={args.threads or 'torch default'}", flush=True)
+    rows = []
+    runs = [(n, args.k, args.budget_mb, args.methods) for n in args.sizes]
+    if not args.skip_big:
+        runs.append((args.big, args.big_k, args.big_budget_mb, ["mixray-lazy"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        for n, k, budget, methods in runs:
+            x = clustered(n)
+            print(f"\nN={n}, K={k} (mixray memory_budget_mb={budget:g})", flush=True)
+            for m in methods:
+                r = launch(m, n, k, budget, tmp, args.timeout, args.threads)
+                if r is None:
+                    continue
+                r["objective"] = shared_objective(x, r.pop("ranking"))
+                rows.append(r)
+                print(f"  {m:<20} {r['seconds']:8.2f} s  peak {r['peak_bytes'] / 2**20:8.0f} MB  "
+                      f"objective d(A)/N = {r['objective']:.6f}", flush=True)
+            del x
+    print("\nratios (mixray / apricot lazy, same N, same run):")
+    by = {(r["method"], r["n"]): r for r in rows}
+    for n in args.sizes:
+        base = by.get(("apricot-lazy", n))
+        if base is None:
+            continue
+        for m in ("mixray-lazy", "mixray-stochastic", "mixray-sharded2", "mixray-greedi4",
+                  "apricot-stochastic"):
+            r = by.get((m, n))
+            if r is None:
+                continue
+            print(f"  N={n:>6} {m:<20} time {r['seconds'] / base['seconds']:5.2f}x  "
+                  f"memory {r['peak_bytes'] / base['peak_bytes']:5.2f}x  "
+                  f"objective {r['objective'] / base['objective']:.4f}x")
+    for n in args.sizes:
+        exact, gd = by.get(("mixray-lazy", n)), by.get(("mixray-greedi4", n))
+        if exact and gd:
+            print(f"  N={n:>6} GreeDi (4 partitions) objective / exact lazy: "
+                  f"{gd['objective'] / exact['objective']:.4f}")
+    big = by.get(("mixray-lazy", args.big))
+    if big is not None:
+        print(f"  N={args.big} K={args.big_k} mixray-lazy: {big['seconds'] / 60:.1f} min, "
+              f"peak {big['peak_bytes'] / 2**30:.2f} GB (targets: < 20 min, < 4 GB)")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""QDIT selection over Ray actors: sharded exact greedy and GreeDi.
+
+*Sharded exact greedy*: the pool's points (columns) are split into P
+contiguous shards, one per actor. Each actor holds its shard's embeddings,
+running max and sparse high-similarity cache (a
+:class:`~mixray.algorithms.facility.ColumnShard`); the driver runs the same
+lazy greedy as a single process and, each round, sends a batch of candidate
+ids; the actors return their partial gains and the driver sums them. Partial
+gains are exact integer-valued float64 sums, so the result is identical to the
+single-process greedy. Memory per actor is O((N/P)·d + budget/P) plus the
+shared read-only embeddings in the object store.
+
+*GreeDi* (Mirzasoleiman et al. 2013): greedy per partition in parallel Ray
+tasks, then greedy over the union of their picks on the driver (full pool as
+ground set).
+
+GPU actors when the cluster has GPUs (``num_gpus: auto``), CPU otherwise.
+This module only distributes layer-1 functions; it does no file I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import numpy as np
+
+from mixray.algorithms import facility as fl
+from mixray.algorithms import qdit
+
+log = logging.getLogger("mixray.selection")
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def resolve_gpus(num_gpus: float | str, device: str) -> float:
+    """GPUs per actor: ``auto`` -> 1 when the cluster has GPUs and device allows, else 0."""
+    if device == "cpu":
+        return 0.0
+    have = cluster_gpus()
+    if num_gpus == "auto":
+        return 1.0 if have >= 1 else 0.0
+    if float(num_gpus) > have:
+        raise qdit.SelectionInputError(f"select.num_gpus={num_gpus}, but the Ray cluster has {have} GPU(s)")
+    return float(num_gpus)
+
+
+class _ShardActor:
+    """One column shard in a Ray actor (wrapped with ``ray.remote`` at run time)."""
+
+    def __init__(self, xs: np.ndarray, lo: int, hi: int, scale_exp: int, budget_bytes: int,
+                 cur: np.ndarray | None, step: int, use_gpu: bool, threads: int | None):
+        import torch
+
+        torch.set_num_threads(1)  # small ops single-threaded; matrix products get ``threads``
+        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the object-store array is read-only; we never write it
+            xs_t = torch.from_numpy(xs).to(device)
+        n = xs.shape[0]
+        cols = None if (lo == 0 and hi == n) else torch.arange(lo, hi, device=device)
+        self.shard = fl.ColumnShard(xs_t, cols, scale_exp, budget_bytes,
+                                    cur=None if cur is None else torch.from_numpy(cur), step=step,
+                                    threads=threads)
+
+    def first_pass(self, cand: np.ndarray, theta: float) -> np.ndarray:
+        import torch
+
+        return self.shard.first_pass(torch.from_numpy(cand), theta).cpu().numpy()
+
+    def evaluate(self, cand: np.ndarray, tau: np.ndarray) -> np.ndarray:
+        import torch
+
+        return self.shard.evaluate(torch.from_numpy(cand), torch.from_numpy(tau)).cpu().numpy()
+
+    def select(self, a: int) -> tuple[float, float]:
+        return self.shard.select(a)
+
+    def cur_values(self) -> np.ndarray:
+        return self.shard.cur_values().cpu().numpy()
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.shard.stats)
+
+
+class RayShards:
+    """The :class:`~mixray.algorithms.facility.Shards` protocol over P Ray actors (sums the parts)."""
+
+    def __init__(self, pool: qdit.Pool, n_actors: int, budget_bytes: int, *,
+                 start: fl.GreedyState | None = None, num_gpus: float | str = "auto",
+                 num_cpus: float = 1, threads: int | None = None, device: str = "auto"):
+        import ray
+        import torch
+
+        gpus = resolve_gpus(num_gpus, device)
+        xs_ref = ray.put(pool.xs.cpu().numpy())
+        parts = qdit.split_columns(pool.n, n_actors)
+        step = 0 if start is None else start.step
+        actor_cls = ray.remote(_ShardActor).options(num_cpus=num_cpus, num_gpus=gpus)
+        self.actors = []
+        for cols in parts:
+            lo, hi = int(cols[0]), int(cols[-1]) + 1
+            cur = None if start is None or start.step == 0 else np.ascontiguousarray(start.cur[lo:hi])
+            self.actors.append(actor_cls.remote(xs_ref, lo, hi, pool.scale_exp,
+                                                budget_bytes // len(parts), cur, step, gpus > 0,
+                                                threads or max(1, int(num_cpus))))
+        log.info("select: %d %s shard actor(s) over N=%d points", len(self.actors),
+                 "GPU" if gpus else "CPU", pool.n)
+        self._torch = torch
+
+    def _sum(self, refs: list[Any]) -> Any:
+        import ray
+
+        return self._torch.from_numpy(np.sum(ray.get(refs), axis=0))
+
+    def first_pass(self, cand, theta: float):
+        c = cand.numpy()
+        return self._sum([a.first_pass.remote(c, theta) for a in self.actors])
+
+    def evaluate(self, cand, tau):
+        c, t = cand.numpy(), tau.numpy()
+        return self._sum([a.evaluate.remote(c, t) for a in self.actors])
+
+    def select(self, a: int) -> tuple[float, float]:
+        import ray
+
+        parts = ray.get([actor.select.remote(a) for actor in self.actors])
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+    def cur_values(self) -> np.ndarray:
+        import ray
+
+        return np.concatenate(ray.get([a.cur_values.remote() for a in self.actors]))
+
+    def stats(self) -> dict[str, int]:
+        import ray
+
+        out: dict[str, int] = {}
+        for st in ray.get([a.stats.remote() for a in self.actors]):
+            for k, v in st.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+
+def sharded_select(selector: qdit.QDITSelector, embeddings, quality, n_actors: int, *,
+                   initial_state: fl.GreedyState | None = None, num_gpus: float | str = "auto",
+                   num_cpus: float = 1, threads: int | None = None) -> qdit.QDITSelector:
+    """``selector.fit`` with the pool sharded over ``n_actors`` Ray actors (same result)."""
+    x = qdit.check_embeddings(embeddings)
+    q = np.zeros(len(x)) if quality is None else qdit.check_quality(quality, len(x))
+    if selector.normalize_quality and quality is not None:
+        q = qdit.minmax(q)
+    pool = qdit.Pool.build(x, q, qdit.resolve_device("cpu"), inplace=True)
+    budget = int(selector.memory_budget_mb * (1 << 20))
+    shards = RayShards(pool, n_actors, budget, start=initial_state, num_gpus=num_gpus,
+                       num_cpus=num_cpus, threads=threads, device=selector.device)
+    try:
+        return selector.fit(embeddings, quality, initial_state=initial_state, shards=shards)
+    finally:
+        shards.shutdown()
+
+
+def _round1_task(x_unit: np.ndarray, q: np.ndarray, part: np.ndarray, k: int, alpha: float,
+                 optimizer: str, budget_bytes: int, epsilon: float, seed: int, device: str,
+                 threads: int | None) -> np.ndarray:
+    import torch
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    return qdit.greedi_round1(x_unit, q, part, k, alpha, optimizer, budget_bytes, epsilon, seed,
+                              device=device)
+
+
+def greedi_select(embeddings, quality, k: int, alpha: float, *, partitions: int,
+                  optimizer: str = "lazy", seed: int = 0, memory_budget_mb: float = 512,
+                  epsilon: float = 0.01, normalize_quality: bool = True,
+                  num_gpus: float | str = "auto", num_cpus: float = 1, threads: int | None = None,
+                  device: str = "auto") -> tuple[fl.GreedyResult, list[np.ndarray], qdit.Pool]:
+    """GreeDi with round 1 in parallel Ray tasks (one per partition) and round 2 on the driver.
+
+    Returns (round-2 result, round-1 picks per partition, the prepared pool).
+    """
+    import ray
+
+    x = qdit.check_embeddings(embeddings)
+    n = len(x)
+    qdit.check_k(k, n)
+    alpha = qdit.check_alpha(alpha)
+    if partitions < 1:
+        raise qdit.SelectionInputError(f"partitions must be >= 1, got {partitions}")
+    q = np.zeros(n) if quality is None else qdit.check_quality(quality, n)
+    if normalize_quality and quality is not None:
+        q = qdit.minmax(q)
+    gpus = resolve_gpus(num_gpus, device)
+    budget = int(memory_budget_mb * (1 << 20))
+    x_ref, q_ref = ray.put(x), ray.put(q)
+    task = ray.remote(_round1_task).options(num_cpus=num_cpus, num_gpus=gpus)
+    part_device = "cuda" if gpus > 0 else "cpu"
+
+    def run_partitions(parts: list[np.ndarray]) -> list[np.ndarray]:
+        refs = [task.remote(x_ref, q_ref, p, k, alpha, optimizer, budget // len(parts), epsilon,
+                            seed, part_device, threads or max(1, int(num_cpus))) for p in parts]
+        return ray.get(refs)
+
+    pool = qdit.Pool.build(x, q, qdit.resolve_device(device), inplace=True)
+    res, picks = qdit.greedi(pool, x, q, k, alpha, optimizer, partitions, seed, budget, epsilon,
+                             run_partitions=run_partitions)
+    return res, picks, pool

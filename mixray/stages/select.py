@@ -1,0 +1,350 @@
+"""select: embeddings + quality -> a QDIT selection of K examples (and an alpha sweep).
+
+Inputs: ``<run_dir>/embed/embeddings.parquet``, ``<run_dir>/score/quality.parquet``
+(its ``score`` column, min-max normalised over the pool) and
+``<run_dir>/ingest/examples.parquet``. Every embedded example must have a
+quality score and vice versa; otherwise the stage fails and names the ids.
+
+Outputs under ``<run_dir>/select/``:
+
+- ``selection.parquet`` — ``id, rank (1 = picked first), gain (d(a|A) at
+  selection), score (f(a|A, α)), quality (normalised q)``, in rank order, for the
+  main α (the first of ``select.alpha`` when it is a list).
+- ``selected.jsonl`` — the selected examples in the example schema, in rank
+  order, ready to train on.
+- with an α sweep (``alpha: [0.0, 0.5, ...]``): ``selection_alpha<α>.parquet``
+  per α (e.g. ``selection_alpha0.7.parquet``), ``alpha_sweep.csv`` (α,
+  objective, diversity d(A)/N, mean quality, seconds; plus a ``random`` row)
+  and ``alpha_sweep.png`` (mean quality vs diversity: the QDIT paper's Figure 2).
+- ``manifest.json`` — objective, diversity, mean quality, time and α per
+  selection, under ``summary``.
+
+Resume: the greedy state is checkpointed every ``select.checkpoint_every``
+steps into ``select/checkpoints/``; a run killed mid-way continues from the
+last checkpoint (same config and inputs) and gives the same ranking as an
+uninterrupted run. Checkpoints are deleted when the stage completes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mixray.config import RayConfig, RunConfig, SelectConfig, section_hash
+from mixray.errors import ConfigError, InputError
+from mixray.io.rundir import (
+    fingerprint,
+    is_complete,
+    output_hash,
+    read_manifest,
+    stage_run,
+    write_table,
+)
+from mixray.stages.embed import EMBEDDINGS, read_embeddings
+from mixray.stages.embed import STAGE as EMBED
+from mixray.stages.ingest import EXAMPLES
+from mixray.stages.ingest import STAGE as INGEST
+from mixray.stages.score import QUALITY
+from mixray.stages.score import STAGE as SCORE
+
+log = logging.getLogger("mixray.select")
+
+STAGE = "select"
+SELECTION = "selection.parquet"
+SELECTED = "selected.jsonl"
+SWEEP_TABLE = "alpha_sweep.csv"
+SWEEP_PLOT = "alpha_sweep.png"
+CHECKPOINTS = "checkpoints"
+SELECTION_SCHEMA = pa.schema([("id", pa.string()), ("rank", pa.int64()), ("gain", pa.float64()),
+                              ("score", pa.float64()), ("quality", pa.float64())])
+
+
+def sweep_name(alpha: float) -> str:
+    """``selection_alpha0.7.parquet`` (shortest float repr: 0.0, 0.5, 1.0, 0.75)."""
+    return f"selection_alpha{float(alpha)!r}.parquet"
+
+
+def _preview(ids) -> str:
+    ids = list(ids)
+    return ", ".join(map(str, ids[:5])) + (" ..." if len(ids) > 5 else "")
+
+
+def read_pool(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids [N] object, embeddings [N, d] float32, raw quality [N] float64), aligned by id.
+
+    The pool is the embeddings' order. Raises InputError naming the ids that are
+    in one file but not the other, or duplicated.
+    """
+    emb_path = run_dir / EMBED / EMBEDDINGS
+    q_path = run_dir / SCORE / QUALITY
+    ids, x, _ = read_embeddings(emb_path)
+    qt = pq.read_table(q_path, columns=["id", "score"])
+    q_ids = np.asarray(qt.column("id").to_pylist(), dtype=object)
+    for name, arr, path in (("embeddings", ids, emb_path), ("quality", q_ids, q_path)):
+        uniq, counts = np.unique(arr.astype(str), return_counts=True)
+        if (counts > 1).any():
+            raise InputError(f"{path}: {int((counts > 1).sum())} duplicated id(s) in {name}: "
+                             f"{_preview(uniq[counts > 1])}")
+    e_set, q_set = set(ids.tolist()), set(q_ids.tolist())
+    only_e = [i for i in ids.tolist() if i not in q_set]
+    only_q = [i for i in q_ids.tolist() if i not in e_set]
+    if only_e or only_q:
+        parts = []
+        if only_e:
+            parts.append(f"{len(only_e)} id(s) in {emb_path} have no quality score in {q_path} "
+                         f"(first: {_preview(only_e)}; see score/rejects.parquet, and score.sample "
+                         "must be null for selection)")
+        if only_q:
+            parts.append(f"{len(only_q)} id(s) in {q_path} have no embedding in {emb_path} "
+                         f"(first: {_preview(only_q)})")
+        raise InputError("select: embeddings and quality must cover the same examples: "
+                         + "; ".join(parts))
+    pos = {v: i for i, v in enumerate(q_ids.tolist())}
+    order = np.fromiter((pos[i] for i in ids.tolist()), dtype=np.int64, count=len(ids))
+    q = qt.column("score").to_numpy(zero_copy_only=False).astype(np.float64)[order]
+    return ids, x, q
+
+
+# -- checkpoints (the only I/O of the greedy state; layer 1 only hands the state over) ---------
+
+
+def _ckpt_path(stage_dir: Path, alpha: float) -> Path:
+    return stage_dir / CHECKPOINTS / f"alpha{float(alpha)!r}.npz"
+
+
+def save_checkpoint(path: Path, state, fp: str) -> None:
+    """Atomically write a GreedyState (selected, gains, scores, scaled cur) with its fingerprint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, selected=state.selected, gains=state.gains, scores=state.scores, cur=state.cur,
+                 scale_exp=np.int64(state.scale_exp), fingerprint=np.bytes_(fp.encode()))
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, fp: str):
+    """The GreedyState at ``path`` if it was written for the same config/inputs, else None."""
+    from mixray.algorithms.facility import GreedyState
+
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            if bytes(z["fingerprint"]).decode() != fp:
+                log.info("select: ignoring %s (written for another config or input)", path)
+                return None
+            return GreedyState(z["selected"].astype(np.int64), z["gains"], z["scores"],
+                               z["cur"].astype(np.float32), int(z["scale_exp"]))
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("select: unreadable checkpoint %s (%s); starting over", path, e)
+        return None
+
+
+# -- one selection --------------------------------------------------------------------------------
+
+
+def _selector(cfg: SelectConfig, alpha: float, seed: int, callback=None):
+    from mixray.algorithms.qdit import QDITSelector
+
+    return QDITSelector(cfg.k, alpha, optimizer=cfg.optimizer, method=cfg.method,
+                        epsilon=cfg.epsilon, seed=seed, device=cfg.device,
+                        memory_budget_mb=cfg.memory_budget_mb, tau=cfg.tau,
+                        n_clusters=cfg.n_clusters, normalize_quality=False,
+                        checkpoint_every=cfg.checkpoint_every if callback else 0,
+                        callback=callback, threads=cfg.threads)
+
+
+def select_one(cfg: SelectConfig, alpha: float, x: np.ndarray, q: np.ndarray, seed: int,
+               ckpt: Path | None, fp: str) -> dict:
+    """Run one selection (resuming from ``ckpt``); returns ranking, gains, scores and summary.
+
+    Checkpoints cover the greedy (``qdit`` with α < 1, local or sharded); GreeDi
+    only keeps a finished selection.
+    """
+    from mixray.algorithms import qdit
+    from mixray.algorithms.facility import GreedyState
+
+    t0 = time.perf_counter()
+    greedy = cfg.method == "qdit" and alpha < 1.0
+    use_ckpt = ckpt is not None and greedy
+    state = load_checkpoint(ckpt, fp) if use_ckpt else None
+    if state is not None:
+        log.info("select[alpha=%s]: resuming from checkpoint at step %d of %d", alpha, state.step, cfg.k)
+    extra: dict = {}
+    if state is not None and state.step == cfg.k:  # this alpha finished before the interruption
+        final = state
+    elif greedy and cfg.distributed == "greedi":
+        from mixray.distributed.selection import greedi_select
+
+        res, picks, _ = greedi_select(
+            x, q, cfg.k, alpha, partitions=cfg.partitions, optimizer=cfg.optimizer, seed=seed,
+            memory_budget_mb=cfg.memory_budget_mb, epsilon=cfg.epsilon, normalize_quality=False,
+            num_gpus=cfg.num_gpus, num_cpus=cfg.num_cpus, threads=cfg.threads, device=cfg.device)
+        if len(res.ranking) < cfg.k:
+            raise InputError(f"select: GreeDi found only {len(res.ranking)} < k={cfg.k} candidates")
+        final = res.state()
+        extra = {"greedi_partitions": len(picks), "greedi_union": int(sum(len(p) for p in picks))}
+    else:
+        callback = (lambda st: save_checkpoint(ckpt, st, fp)) if use_ckpt else None
+        sel = _selector(cfg, alpha, seed, callback)
+        if greedy and cfg.distributed == "sharded":
+            from mixray.distributed.selection import sharded_select
+
+            sharded_select(sel, x, q, cfg.actors, initial_state=state, num_gpus=cfg.num_gpus,
+                           num_cpus=cfg.num_cpus, threads=cfg.threads)
+        else:
+            sel.fit(x, q, initial_state=state)
+        extra = {"stats": sel.stats_} if sel.stats_ else {}
+        # baselines and alpha = 1 have no greedy state: score them from the selector
+        final = sel.state_ or GreedyState(sel.ranking_, sel.gains_, sel.scores_, None, 0)
+        summary = (sel.objective_, sel.diversity_, sel.quality_mean_)
+    if final.cur is not None:
+        if use_ckpt and cfg.checkpoint_every:
+            save_checkpoint(ckpt, final, fp)  # keeps a finished alpha of a sweep
+        summary = qdit.score_from_cur(final.cur, final.scale_exp, q[final.selected], alpha)
+    obj, div, qm = summary
+    return {"ranking": final.selected, "gains": final.gains, "scores": final.scores,
+            "summary": {"alpha": alpha, "objective": obj, "diversity": div, "quality_mean": qm,
+                        "k": len(final.selected), "time_s": round(time.perf_counter() - t0, 3)}
+            | extra}
+
+
+def selection_table(ids: np.ndarray, q: np.ndarray, res: dict, meta: dict) -> pa.Table:
+    r = res["ranking"]
+    t = pa.table({"id": pa.array(ids[r].tolist(), pa.string()),
+                  "rank": pa.array(np.arange(1, len(r) + 1), pa.int64()),
+                  "gain": pa.array(res["gains"], pa.float64()),
+                  "score": pa.array(res["scores"], pa.float64()),
+                  "quality": pa.array(q[r], pa.float64())}, schema=SELECTION_SCHEMA)
+    return t.replace_schema_metadata({f"mixray.{k}": str(v) for k, v in meta.items()})
+
+
+def write_selected_jsonl(examples: Path, selected_ids: list[str], out: Path) -> int:
+    """The selected examples (all example columns) as JSON lines, in rank order."""
+    t = pq.read_table(examples)
+    pos = {v: i for i, v in enumerate(t.column("id").to_pylist())}
+    missing = [i for i in selected_ids if i not in pos]
+    if missing:
+        raise InputError(f"{examples}: {len(missing)} selected id(s) not found: {_preview(missing)}")
+    rows = t.take(pa.array([pos[i] for i in selected_ids], pa.int64())).to_pylist()
+    with open(out, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return len(rows)
+
+
+def write_sweep(rows: list[dict], table: Path, plot: Path, k: int) -> None:
+    """alpha_sweep.csv and the quality-vs-diversity plot (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = ["alpha", "objective", "diversity", "quality_mean", "time_s"]
+    with open(table, "w", encoding="utf-8") as f:
+        f.write(",".join(cols) + "\n")
+        for r in rows:
+            f.write(",".join("random" if (c == "alpha" and r[c] is None) else repr(r[c]) for c in cols)
+                    + "\n")
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    pts = [r for r in rows if r["alpha"] is not None]
+    ax.plot([r["diversity"] for r in pts], [r["quality_mean"] for r in pts], "o-", color="C0",
+            label="QDIT")
+    labels: dict[tuple[float, float], list[str]] = {}
+    for r in pts:  # alphas that pick the same set share one label
+        key = (round(r["diversity"], 6), round(r["quality_mean"], 6))
+        labels.setdefault(key, []).append(f"{r['alpha']:g}")
+    for (x, y), alphas in labels.items():
+        ax.annotate("α=" + ", ".join(alphas), (x, y), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
+    rnd = [r for r in rows if r["alpha"] is None]
+    if rnd:
+        ax.axhline(rnd[0]["quality_mean"], color="C3", lw=1, ls="--", label="random (quality)")
+        ax.axvline(rnd[0]["diversity"], color="C3", lw=1, ls=":", label="random (diversity)")
+    ax.set_xlabel("diversity d(A)/N")
+    ax.set_ylabel("mean quality q(A)")
+    ax.set_title(f"QDIT quality vs diversity (K={k})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(plot, format="png")
+    plt.close(fig)
+
+
+def run_select(cfg: SelectConfig, ray_cfg: RayConfig, run_dir: Path, seed: int = 0,
+               force: bool = False) -> dict:
+    stage_dir = run_dir / STAGE
+    input_hashes = {"embeddings": output_hash(run_dir / EMBED, EMBEDDINGS),
+                    "quality": output_hash(run_dir / SCORE, QUALITY),
+                    "examples": output_hash(run_dir / INGEST, EXAMPLES)}
+    seed = cfg.seed if cfg.seed is not None else seed
+    config_hash = section_hash(cfg.model_dump(mode="json") | {"seed": seed})
+    fp = fingerprint(config_hash, input_hashes)
+    if not force and is_complete(stage_dir, fp):
+        m = read_manifest(stage_dir)
+        log.info("select: inputs and config unchanged, skipped (%d selected)", m["counts"]["selected"])
+        return m | {"skipped": True}
+    if force:
+        shutil.rmtree(stage_dir / CHECKPOINTS, ignore_errors=True)
+
+    ids, x, q_raw = read_pool(run_dir)
+    n = len(ids)
+    if cfg.k > n:
+        raise ConfigError(f"select.k={cfg.k} is larger than the pool ({n} examples with embeddings "
+                          "and quality); allowed: 1 <= k <= pool size")
+    from mixray.algorithms.qdit import evaluate_ranking, minmax, select_random
+
+    q = minmax(q_raw)
+    if cfg.distributed != "none" and cfg.method == "qdit":
+        from mixray.distributed.runtime import init_ray
+
+        init_ray(ray_cfg)
+    alphas = cfg.alphas
+    log.info("select[%s/%s]: N=%d, d=%d, K=%d, alpha=%s, distributed=%s", cfg.method, cfg.optimizer,
+             n, x.shape[1], cfg.k, alphas, cfg.distributed)
+    with stage_run(stage_dir, config_hash, input_hashes) as run:
+        summaries = []
+        main = None
+        for i, alpha in enumerate(alphas):
+            res = select_one(cfg, alpha, x, q, seed, _ckpt_path(stage_dir, alpha), fp)
+            s = res["summary"]
+            summaries.append(s)
+            log.info("select[alpha=%s]: objective %.6f, diversity %.6f, mean quality %.4f, %.1f s",
+                     alpha, s["objective"], s["diversity"], s["quality_mean"], s["time_s"])
+            meta = {"alpha": alpha, "method": cfg.method, "optimizer": cfg.optimizer,
+                    "objective": s["objective"], "diversity": s["diversity"],
+                    "quality_mean": s["quality_mean"]}
+            table = selection_table(ids, q, res, meta)
+            if len(alphas) > 1:
+                write_table(table, run.tmp_path(sweep_name(alpha)))
+            if i == 0:
+                main = res
+                write_table(table, run.tmp_path(SELECTION))
+        n_sel = write_selected_jsonl(run_dir / INGEST / EXAMPLES,
+                                     ids[main["ranking"]].tolist(), run.tmp_path(SELECTED))
+        if len(alphas) > 1:
+            rnd = evaluate_ranking(x, select_random(n, cfg.k, seed), q, 0.0,
+                                   normalize_quality=False, device=cfg.device)
+            rows = [{"alpha": s["alpha"], "objective": s["objective"], "diversity": s["diversity"],
+                     "quality_mean": s["quality_mean"], "time_s": s["time_s"]} for s in summaries]
+            rows.append({"alpha": None, "objective": float("nan"), "diversity": rnd.diversity,
+                         "quality_mean": rnd.quality_mean, "time_s": 0.0})
+            write_sweep(rows, run.tmp_path(SWEEP_TABLE), run.tmp_path(SWEEP_PLOT), cfg.k)
+        run.counts = {"pool": n, "selected": n_sel}
+        run.extra = {"method": cfg.method, "optimizer": cfg.optimizer,
+                     "distributed": cfg.distributed, "alpha_main": alphas[0],
+                     "summary": summaries}
+    shutil.rmtree(stage_dir / CHECKPOINTS, ignore_errors=True)
+    return read_manifest(stage_dir) | {"skipped": False}
+
+
+def stage(cfg: RunConfig, run_dir: Path, force: bool = False) -> dict:
+    """The ``select`` stage of ``mixray run`` (see ``mixray.stages.STAGES``)."""
+    return run_select(cfg.select, cfg.ray, run_dir, seed=cfg.seed, force=force)

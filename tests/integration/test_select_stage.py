@@ -1,0 +1,249 @@
+"""The select stage through a run directory, resume after a kill, and selection over Ray actors.
+
+The run directory is assembled from real data: 480 examples from ../shared/data/train,
+their committed MiniLM embeddings (tests/data/qdit_minilm.npz) and a quality
+column (log length of the reference answer), each written with its manifest as
+the ingest/embed/score stages would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from mixray.algorithms.qdit import QDITSelector, minmax, quality_order
+from mixray.config import RayConfig, SelectConfig, load_config
+from mixray.errors import ConfigError, InputError
+from mixray.io.rundir import read_manifest, stage_run, write_table
+from mixray.schema import EXAMPLE_SCHEMA
+from mixray.stages import STAGES
+from mixray.stages import select as sel_stage
+from mixray.stages.embed import embedding_array
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "qdit_minilm.npz"
+PER_SOURCE = 160
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _examples(train: Path) -> list[dict]:
+    rows = []
+    for name, task in (("alpaca_en_demo.json", "general"), ("code_alpaca_2k.json", "code")):
+        for i, r in enumerate(json.loads((train / name).read_text())[:PER_SOURCE]):
+            rows.append({"id": f"{name.split('.')[0]}/{i}", "source": name.split(".")[0], "task": task,
+                         "instruction": r["instruction"], "input": r.get("input") or "",
+                         "output": r["output"], "messages": None, "quality": None})
+    with open(train / "gsm8k_train.jsonl") as f:
+        for i, line in enumerate(list(f)[:PER_SOURCE]):
+            r = json.loads(line)
+            rows.append({"id": f"gsm8k/{i}", "source": "gsm8k", "task": "math",
+                         "instruction": r["question"], "input": "", "output": r["answer"],
+                         "messages": None, "quality": None})
+    return rows
+
+
+def _write(run_dir: Path, stage: str, name: str, table: pa.Table) -> None:
+    with stage_run(run_dir / stage, "test", {}) as run:
+        write_table(table, run.tmp_path(name))
+
+
+def make_run_dir(run_dir: Path, train: Path, drop_quality: int | None = None,
+                 extra_quality: bool = False) -> tuple[list[str], np.ndarray, np.ndarray]:
+    rows = _examples(train)
+    ids = [r["id"] for r in rows]
+    z = np.load(DATA)
+    emb = z["embeddings"].astype(np.float32)
+    raw = np.log1p(z["output_chars"].astype(np.float64))
+    _write(run_dir, "ingest", "examples.parquet", pa.Table.from_pylist(rows, schema=EXAMPLE_SCHEMA))
+    schema = pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32(), emb.shape[1]))])
+    _write(run_dir, "embed", "embeddings.parquet",
+           pa.table({"id": ids, "embedding": embedding_array(emb)}, schema=schema))
+    q_ids, q_raw = list(ids), list(raw)
+    if drop_quality is not None:
+        del q_ids[drop_quality], q_raw[drop_quality]
+    if extra_quality:
+        q_ids.append("ghost/1")
+        q_raw.append(1.0)
+    _write(run_dir, "score", "quality.parquet",
+           pa.table({"id": q_ids, "raw": q_raw, "score": q_raw, "backend": ["column"] * len(q_ids)}))
+    return ids, emb, raw
+
+
+@pytest.fixture()
+def run_dir(tmp_path, shared_data):
+    make_run_dir(tmp_path, shared_data / "train")
+    return tmp_path
+
+
+def test_select_is_a_registered_stage():
+    assert STAGES["select"][0] == "mixray.stages.select:stage"
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml",
+                      ["select.alpha=[0.0, 0.5]", "select.k=50"])
+    assert cfg.select.alphas == [0.0, 0.5] and cfg.select.k == 50
+
+
+@pytest.mark.parametrize("alpha, match", [
+    ("[]", "alpha list is empty"), ("[0.5, 1.2]", r"alpha values must be in \[0, 1\], got \[1.2\]"),
+    ("[0.5, 0.5]", "alpha values must be distinct"), ("-0.1", r"must be in \[0, 1\]"),
+])
+def test_select_config_rejects_bad_alpha(alpha, match):
+    demo = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+    with pytest.raises(ConfigError, match=match):
+        load_config(demo, [f"select.alpha={alpha}"])
+    with pytest.raises(ConfigError, match="select.optimzer: unknown key"):
+        load_config(demo, ["select.optimzer=lazy"])
+
+
+def test_stage_alpha_sweep_outputs(run_dir):
+    cfg = SelectConfig(k=30, alpha=[0.0, 0.7, 1.0], checkpoint_every=10, memory_budget_mb=8)
+    m = sel_stage.run_select(cfg, RayConfig(), run_dir, seed=0)
+    out = run_dir / "select"
+    assert m["skipped"] is False and m["counts"] == {"pool": 480, "selected": 30}
+    main = pq.read_table(out / "selection.parquet")
+    assert main.column_names == ["id", "rank", "gain", "score", "quality"]
+    assert main.column("rank").to_pylist() == list(range(1, 31))
+    assert main.equals(pq.read_table(out / "selection_alpha0.0.parquet"))
+    for a in ("0.7", "1.0"):
+        assert (out / f"selection_alpha{a}.parquet").is_file()
+    # alpha = 1: the top-30 examples by normalised quality, best first
+    z = np.load(DATA)
+    q = minmax(np.log1p(z["output_chars"].astype(np.float64)))
+    ids = pq.read_table(run_dir / "embed" / "embeddings.parquet").column("id").to_pylist()
+    top = pq.read_table(out / "selection_alpha1.0.parquet")
+    assert top.column("id").to_pylist() == [ids[i] for i in quality_order(q)[:30]]
+    np.testing.assert_allclose(top.column("quality").to_numpy(), np.sort(q)[::-1][:30])
+    # the same selection as the library call, with gains and scores
+    ref = QDITSelector(30, 0.0, memory_budget_mb=8).fit(z["embeddings"].astype(np.float32))
+    assert main.column("id").to_pylist() == [ids[i] for i in ref.ranking_]
+    np.testing.assert_array_equal(main.column("gain").to_numpy(), ref.gains_)
+    # selected.jsonl: the examples themselves, in rank order, in the example schema
+    lines = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in lines] == main.column("id").to_pylist()
+    assert set(lines[0]) == set(EXAMPLE_SCHEMA.names)
+    examples = {r["id"]: r for r in pq.read_table(run_dir / "ingest" / "examples.parquet").to_pylist()}
+    assert all(r == examples[r["id"]] for r in lines)
+    # summary, sweep table and plot
+    summ = {s["alpha"]: s for s in m["summary"]}
+    assert set(summ) == {0.0, 0.7, 1.0} and m["alpha_main"] == 0.0
+    assert summ[0.0]["objective"] == pytest.approx(ref.objective_)
+    assert summ[0.0]["diversity"] > summ[0.7]["diversity"] >= summ[1.0]["diversity"]
+    assert summ[1.0]["quality_mean"] >= summ[0.7]["quality_mean"] >= summ[0.0]["quality_mean"]
+    table = (out / "alpha_sweep.csv").read_text().splitlines()
+    assert table[0] == "alpha,objective,diversity,quality_mean,time_s" and len(table) == 5
+    assert table[-1].startswith("random,nan,")
+    assert (out / "alpha_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "checkpoints").exists()
+    again = sel_stage.run_select(cfg, RayConfig(), run_dir, seed=0)
+    assert again["skipped"] is True
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_stage_resumes_after_a_kill(run_dir, tmp_path_factory, shared_data, monkeypatch, caplog):
+    cfg = SelectConfig(k=40, alpha=0.5, checkpoint_every=8, memory_budget_mb=1)
+    clean = tmp_path_factory.mktemp("clean")
+    make_run_dir(clean, shared_data / "train")
+    sel_stage.run_select(cfg, RayConfig(), clean, seed=0)
+
+    real_save = sel_stage.save_checkpoint
+    saves = []
+
+    def save_then_die(path, state, fp):
+        real_save(path, state, fp)
+        saves.append(state.step)
+        if state.step == 24:
+            raise _Killed  # the process dies right after a checkpoint
+
+    monkeypatch.setattr(sel_stage, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        sel_stage.run_select(cfg, RayConfig(), run_dir, seed=0)
+    assert saves == [8, 16, 24]
+    assert read_manifest(run_dir / "select") is None
+    assert (run_dir / "select" / "checkpoints" / "alpha0.5.npz").is_file()
+    monkeypatch.setattr(sel_stage, "save_checkpoint", real_save)
+    with caplog.at_level("INFO", logger="mixray.select"):
+        sel_stage.run_select(cfg, RayConfig(), run_dir, seed=0)
+    assert "resuming from checkpoint at step 24 of 40" in caplog.text
+    assert pq.read_table(run_dir / "select" / "selection.parquet").equals(
+        pq.read_table(clean / "select" / "selection.parquet"))
+    # a checkpoint from another config is ignored, not resumed
+    monkeypatch.setattr(sel_stage, "save_checkpoint", save_then_die)
+    saves.clear()
+    with pytest.raises(_Killed):
+        sel_stage.run_select(cfg, RayConfig(), run_dir, seed=0, force=True)
+    monkeypatch.setattr(sel_stage, "save_checkpoint", real_save)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="mixray.select"):
+        sel_stage.run_select(SelectConfig.model_validate(cfg.model_dump() | {"k": 41}),
+                             RayConfig(), run_dir, seed=0)
+    assert "ignoring" in caplog.text and "resuming" not in caplog.text
+
+
+def test_stage_rejects_mismatched_ids_and_large_k(tmp_path, shared_data):
+    a = tmp_path / "a"
+    make_run_dir(a, shared_data / "train", drop_quality=5)
+    with pytest.raises(InputError, match=r"1 id\(s\) in .*embeddings.parquet have no quality score .*\(first: alpaca_en_demo/5;"):
+        sel_stage.run_select(SelectConfig(k=10), RayConfig(), a)
+    b = tmp_path / "b"
+    make_run_dir(b, shared_data / "train", extra_quality=True)
+    with pytest.raises(InputError, match=r"1 id\(s\) in .*quality.parquet have no embedding .*ghost/1"):
+        sel_stage.run_select(SelectConfig(k=10), RayConfig(), b)
+    c = tmp_path / "c"
+    make_run_dir(c, shared_data / "train")
+    with pytest.raises(ConfigError, match=r"select.k=481 is larger than the pool \(480 examples"):
+        sel_stage.run_select(SelectConfig(k=481), RayConfig(), c)
+
+
+# -- over Ray actors ----------------------------------------------------------------------------------
+
+
+def test_two_actors_equal_single_process(ray_session):
+    """Sharded exact greedy (2 actors) == single process, bit for bit; GreeDi(1 partition) == greedy;
+    a sharded run resumes from a single-process checkpoint with the same result."""
+    from mixray.distributed.selection import greedi_select, sharded_select
+
+    z = np.load(DATA)
+    x = z["embeddings"].astype(np.float32)
+    q = np.log1p(z["output_chars"].astype(np.float64))
+    states = []
+    single = QDITSelector(50, 0.7, memory_budget_mb=0.5, checkpoint_every=20,
+                          callback=states.append).fit(x, q)
+    dist = sharded_select(QDITSelector(50, 0.7, memory_budget_mb=0.5), x, q, 2, num_gpus=0)
+    np.testing.assert_array_equal(dist.ranking_, single.ranking_)
+    np.testing.assert_array_equal(dist.gains_, single.gains_)
+    np.testing.assert_array_equal(dist.scores_, single.scores_)
+    assert math.isclose(dist.objective_, single.objective_, rel_tol=1e-12)
+    resumed = sharded_select(QDITSelector(50, 0.7, memory_budget_mb=0.5), x, q, 2,
+                             initial_state=states[0], num_gpus=0)
+    np.testing.assert_array_equal(resumed.ranking_, single.ranking_)
+    res, picks, _ = greedi_select(x, q, 50, 0.7, partitions=1, num_gpus=0)
+    assert len(picks) == 1
+    np.testing.assert_array_equal(res.ranking, single.ranking_)
+
+
+def test_stage_sharded_equals_local(run_dir, tmp_path_factory, shared_data, ray_session):
+    local = tmp_path_factory.mktemp("local")
+    make_run_dir(local, shared_data / "train")
+    base = SelectConfig(k=25, alpha=0.5, memory_budget_mb=1, checkpoint_every=0)
+    sel_stage.run_select(base, RayConfig(), local)
+    sharded = SelectConfig.model_validate(base.model_dump() | {"distributed": "sharded", "actors": 2,
+                                                               "num_gpus": 0})
+    m = sel_stage.run_select(sharded, RayConfig(), run_dir)
+    assert m["distributed"] == "sharded"
+    assert pq.read_table(run_dir / "select" / "selection.parquet").equals(
+        pq.read_table(local / "select" / "selection.parquet"))
