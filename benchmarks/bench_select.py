@@ -15,7 +15,10 @@ actors included; shared pages counted per process, so this over-estimates).
 Every ranking is then scored by the parent with ONE objective, mixray's
 ``evaluate_ranking``: ``d(A)/N = mean_v max(0, max_{a∈A} cos(a, v))``. apricot's
 ``metric="cosine"`` uses cos² as its similarity, so its ranking is judged, like
-every other, on the clipped-cosine facility location of methods.md.
+every other, on the clipped-cosine facility location of methods.md. A third apricot
+row, ``apricot-lazy-clipped``, hands apricot the precomputed dense ``max(0, cos)``
+matrix: the same objective as mixray, so the two exact greedies can be compared
+pick for pick.
 
 Sizes: N = 10K and 20K with K = 1,000 (apricot lazy + stochastic; mixray lazy,
 stochastic, 2-actor sharded, and GreeDi over 4 partitions for its objective
@@ -104,6 +107,13 @@ def run_method(method: str, x: np.ndarray, k: int, budget_mb: float,
     if method.startswith("apricot"):
         from apricot import FacilityLocationSelection
 
+        if method == "apricot-lazy-clipped":
+            # The same objective as mixray: a precomputed dense max(0, cos) matrix (N² float64).
+            sim = x.astype(np.float64) @ x.astype(np.float64).T
+            np.maximum(sim, 0.0, out=sim)
+            sel = FacilityLocationSelection(k, metric="precomputed", optimizer="lazy", random_state=0)
+            sel.fit(sim)
+            return np.asarray(sel.ranking, dtype=np.int64), info
         opt = method.split("-", 1)[1]
         kw = {"optimizer_kwds": {"epsilon": EPSILON}} if opt == "stochastic" else {}
         sel = FacilityLocationSelection(k, metric="cosine", optimizer=opt, random_state=0, **kw)
@@ -193,7 +203,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="*", default=[10_000, 20_000])
     ap.add_argument("--k", type=int, default=1000)
-    ap.add_argument("--methods", nargs="+", default=["apricot-lazy", "apricot-stochastic", "mixray-lazy",
+    ap.add_argument("--methods", nargs="+", default=["apricot-lazy", "apricot-stochastic",
+                                                     "apricot-lazy-clipped", "mixray-lazy",
                                                      "mixray-stochastic", "mixray-sharded2",
                                                      "mixray-greedi4"])
     ap.add_argument("--budget-mb", type=float, default=512, help="mixray memory_budget_mb at 10K/20K")
@@ -239,7 +250,7 @@ def main() -> None:
         if base is None:
             continue
         for m in ("mixray-lazy", "mixray-stochastic", "mixray-sharded2", "mixray-greedi4",
-                  "apricot-stochastic"):
+                  "apricot-stochastic", "apricot-lazy-clipped"):
             r = by.get((m, n))
             if r is None:
                 continue
@@ -251,6 +262,13 @@ def main() -> None:
         if exact and gd:
             print(f"  N={n:>6} GreeDi (4 partitions) objective / exact lazy: "
                   f"{gd['objective'] / exact['objective']:.4f}")
+    for n in args.sizes:
+        exact, same = by.get(("mixray-lazy", n)), by.get(("apricot-lazy-clipped", n))
+        if exact and same:
+            print(f"  N={n:>6} same objective (apricot on precomputed max(0, cos)): mixray lazy "
+                  f"time {exact['seconds'] / same['seconds']:.2f}x, "
+                  f"memory {exact['peak_bytes'] / same['peak_bytes']:.2f}x, "
+                  f"objective {exact['objective'] / same['objective']:.6f}x")
     big = by.get(("mixray-lazy", args.big))
     if big is not None:
         print(f"  N={args.big} K={args.big_k} mixray-lazy: {big['seconds'] / 60:.1f} min, "

@@ -41,6 +41,8 @@ from typing import Literal, Protocol, get_args
 import numpy as np
 import torch
 
+from mixray.algorithms.facility import gemm_threads
+
 InitName = Literal["k-means++", "random"]
 INIT_NAMES: tuple[str, ...] = get_args(InitName)
 # A distance block holds about this many entries (rows × centres, at least 256 rows):
@@ -341,13 +343,13 @@ class LocalShards:
             parts = [self._assign_range(0, n, centres, c_sq, with_sums, False)]
         else:
             bounds = [round(n * i / self.workers) for i in range(self.workers + 1)]
-            prev = torch.get_num_threads()
-            try:
+            # the workers' setting is process-wide for MKL: restored on exit (a no-op inside
+            # ``KMeans.fit``, which holds one thread for the whole loop: re-sizing torch's
+            # thread pools every iteration cost 14% of the iteration time at k = 100)
+            with gemm_threads(1):
                 parts = list(_executor(self.workers).map(
                     lambda i: self._assign_range(bounds[i], bounds[i + 1], centres, c_sq,
                                                  with_sums, True), range(self.workers)))
-            finally:
-                torch.set_num_threads(prev)  # the workers' setting is process-wide for MKL
         sums, counts = parts[0][0], parts[0][1]
         for p in parts[1:] if with_sums else ():
             sums += p[0]
@@ -458,7 +460,8 @@ class KMeans:
         C0 = self._initial(Xc, mean, rng)
         shards = LocalShards(Xc, self.centre_block)
         tol = tolerance(self.tol, float(shards.x_sq.double().sum()), *Xc.shape)
-        res = run_lloyd(shards, C0, max_iter=self.max_iter, tol=tol)
+        with gemm_threads(1 if shards.workers > 1 else None):  # see LocalShards.assign_all
+            res = run_lloyd(shards, C0, max_iter=self.max_iter, tol=tol)
         self._mean = mean
         self._centres_c = res.centres
         self.cluster_centers_ = (res.centres + mean).cpu().numpy()

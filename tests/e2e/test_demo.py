@@ -16,8 +16,10 @@ DEMO = ROOT / "configs" / "demo.yaml"
 
 def test_demo_runs_end_to_end_then_skips(tmp_path, ray_session, capsys):
     run_dir = tmp_path / "demo"
-    small = [f"run_dir={run_dir}", "ingest.sources.0.limit=8", "ingest.sources.1.limit=8",
-             "ingest.sources.2.limit=4", "score.max_length=128", "score.batch_size=8"]
+    # the demo's data plane and QDIT selection on 20 examples (training has its own tests)
+    small = [f"run_dir={run_dir}", "stages=[ingest,embed,score,select]", "ingest.sources.0.limit=8",
+             "ingest.sources.1.limit=8", "ingest.sources.2.limit=4", "score.max_length=128",
+             "score.batch_size=8", "select.k=6"]
     assert main(["run", str(DEMO), *small]) == 0
     ingest = json.loads((run_dir / "ingest" / "manifest.json").read_text())["counts"]
     assert ingest["in"] == 20 == ingest["kept"] + ingest["rejected"]
@@ -30,7 +32,13 @@ def test_demo_runs_end_to_end_then_skips(tmp_path, ray_session, capsys):
     assert q["id"].tolist() == ex["id"].to_pylist() and (q["backend"] == "ifd").all()
     assert np.isfinite(q["raw"]).all() and (q["raw"] > 0).all()
     assert (run_dir / "config.yaml").read_text().count("limit: 8") == 2
-    stages = ("ingest", "embed", "score")
+    sel = pq.read_table(run_dir / "select" / "selection.parquet").to_pandas()
+    assert sel["rank"].tolist() == list(range(1, 7)) and set(sel["id"]) <= set(q["id"])
+    chosen = [json.loads(line) for line in (run_dir / "select" / "selected.jsonl").open()]
+    assert [c["id"] for c in chosen] == sel["id"].tolist()
+    sweep = [line.split(",")[0] for line in (run_dir / "select" / "alpha_sweep.csv").open()]
+    assert sweep == ["alpha", "0.7", "0.0", "0.5", "0.9", "1.0", "random"] and (run_dir / "select" / "alpha_sweep.png").stat().st_size > 0
+    stages = ("ingest", "embed", "score", "select")
     before = {s: (run_dir / s / "manifest.json").stat().st_mtime_ns for s in stages}
     # unchanged config and inputs: every stage is skipped (its manifest is not rewritten)
     assert main(["run", str(DEMO), *small]) == 0
