@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
 def _run_stages(cfg, stages: list[str], force: bool) -> dict:
     from mixray.config import dump_config
 
-    run_dir = Path(cfg.run_dir)
+    run_dir = Path(cfg.run_dir).resolve()  # Ray workers do not share the driver's working directory
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     results = {stage: run_stage(stage, cfg, run_dir, force) for stage in stages}

@@ -859,7 +859,7 @@ def lazy_greedy(shards: Shards, q: torch.Tensor, alpha: float, k: int, *, n_pool
     t = len(sel)
     log.info("greedy: first pass over %d candidates x %d points in %.1f s (theta=%.3f)",
              len(remaining), n_pool, time.perf_counter() - t_start, theta * 2.0 ** -scale_exp)
-    report_every = max(1, k // 20)
+    report_every, last_report = max(1, k // 20), time.perf_counter()  # ≤ 20 lines, ≥ 5 s apart
     tau = torch.full((n_pool,), t, dtype=torch.long)
     f = torch.where(active, _score(g, q, alpha, n_pool, scale_exp),
                     torch.tensor(-math.inf, dtype=torch.float64))
@@ -918,9 +918,10 @@ def lazy_greedy(shards: Shards, q: torch.Tensor, alpha: float, k: int, *, n_pool
         active[best] = False
         f[best] = -math.inf
         t += 1
-        if t % report_every == 0 or t == k:
-            log.info("greedy: %d/%d selected, %d evaluations, %.1f s", t, k, n_eval,
-                     time.perf_counter() - t_start)
+        now = time.perf_counter()
+        if t == k or (t % report_every == 0 and now - last_report >= 5.0):
+            last_report = now
+            log.info("greedy: %d/%d selected, %d evaluations, %.1f s", t, k, n_eval, now - t_start)
         if callback is not None and callback_every and (t % callback_every == 0) and t < k:
             callback(GreedyState(np.asarray(sel, dtype=np.int64), np.asarray(gains),
                                  np.asarray(scores), shards.cur_values(), scale_exp))

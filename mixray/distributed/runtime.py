@@ -13,6 +13,7 @@ log = logging.getLogger("mixray.runtime")
 _PROPAGATE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "MIXRAY_CACHE",
               "HF_HUB_DISABLE_TELEMETRY")
 _MAX_LOCAL_OBJECT_STORE = 2 * 1024**3
+WORKER_SETUP_HOOK = "mixray.distributed.worker_setup.setup"
 
 
 def _total_memory() -> int:
@@ -46,6 +47,8 @@ def init_ray(cfg: RayConfig) -> None:
     num_cpus = cfg.num_cpus or os.cpu_count() or 1
     log.info("ray: starting a local Ray (%d CPUs, object store %.1f GB, dashboard %s)",
              num_cpus, store / 1e9, "on" if cfg.include_dashboard else "off")
+    if not cfg.include_dashboard:  # no State API: silence Ray Train's per-second warning about it
+        runtime_env = (runtime_env or {}) | {"worker_process_setup_hook": WORKER_SETUP_HOOK}
     ray.init(
         num_cpus=num_cpus,
         num_gpus=cfg.num_gpus,

@@ -536,6 +536,7 @@ def run_train(cfg: TrainConfig, ray_cfg: RayConfig, run_dir: Path, seed: int = 0
 
     from mixray.distributed.train import fit
 
+    run_dir = Path(run_dir).resolve()  # paths go to Ray workers, whose working directory differs
     stage_dir = run_dir / STAGE
     job = plan_job(cfg, run_dir, seed)
     if not force and is_complete(stage_dir, job.fingerprint):

@@ -37,7 +37,7 @@ def test_demo_runs_end_to_end_then_skips(tmp_path, ray_session, capsys):
     chosen = [json.loads(line) for line in (run_dir / "select" / "selected.jsonl").open()]
     assert [c["id"] for c in chosen] == sel["id"].tolist()
     sweep = [line.split(",")[0] for line in (run_dir / "select" / "alpha_sweep.csv").open()]
-    assert sweep == ["alpha", "0.7", "0.0", "0.5", "0.9", "1.0", "random"] and (run_dir / "select" / "alpha_sweep.png").stat().st_size > 0
+    assert sweep == ["alpha", "0.7", "0.0", "0.05", "0.1", "0.2", "1.0", "random"] and (run_dir / "select" / "alpha_sweep.png").stat().st_size > 0
     stages = ("ingest", "embed", "score", "select")
     before = {s: (run_dir / s / "manifest.json").stat().st_mtime_ns for s in stages}
     # unchanged config and inputs: every stage is skipped (its manifest is not rewritten)

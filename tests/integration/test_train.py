@@ -160,15 +160,21 @@ def test_zero3_full_all_losses_ddp_and_accumulation_equivalence(ray_session, run
             torch.testing.assert_close(finals[other][k], finals["z2_mb4"][k], atol=1e-4, rtol=1e-4)
 
 
-def test_cli_train_resumes_after_an_injected_fault(ray_session, run_dir, tiny_lm_dir, tmp_path):
-    """A worker fails once after step 5; Ray restarts the group, which resumes from step 4."""
+def test_cli_train_resumes_after_an_injected_fault(ray_session, run_dir, tiny_lm_dir, tmp_path,
+                                                   monkeypatch):
+    """A worker fails once after step 5; Ray restarts the group, which resumes from step 4.
+
+    ``run_dir`` is relative, as in a user's config: the workers (whose working
+    directory is not the driver's) must still write into it.
+    """
     from mixray.cli import main
 
     rd = tmp_path / "run"
     shutil.copytree(run_dir, rd)
     config = tmp_path / "train.yaml"
+    monkeypatch.chdir(tmp_path)
     config.write_text(yaml.safe_dump({
-        "run_dir": str(rd), "stages": ["train"], "ingest": {"sources": [{"name": "x", "path": "unused"}]},
+        "run_dir": "run", "stages": ["train"], "ingest": {"sources": [{"name": "x", "path": "unused"}]},
         "train": {"model": str(tiny_lm_dir), "loss": "sftmix", "data": "all", "max_length": 64,
                   "micro_batch_size": 4, "grad_accum": 2, "epochs": 2, "lr": 3e-3, "warmup_ratio": 0.2,
                   "sftmix": {"confidence": str(run_dir.parent / "confidence.parquet")},
