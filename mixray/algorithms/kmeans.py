@@ -7,6 +7,8 @@ The pieces, each a function of tensors (no Ray, no files, no config):
 - ``assign(X [n,d], C [k,d]) -> (labels [n], min_sq [n])``: nearest centre by
   ``‖x‖² − 2·x·c + ‖c‖²`` (one matmul per block), processed in row chunks × centre
   blocks so memory stays ``O(rows·block)`` and k can be in the tens of thousands.
+- ``assign_two(X, C) -> (labels, min_sq, second_sq)``: the same, plus the squared
+  distance to the second-nearest centre (what the pruning bounds start from).
 - ``partial_sums(X, labels, k) -> (sums [k,d], counts [k])``: the map side of the
   M-step; sums of several shards add up to the sums of their union.
 - ``update_centres(sums, counts, old) -> [k,d]``: ``c_j = sums_j / counts_j``; an
@@ -22,6 +24,17 @@ The pieces, each a function of tensors (no Ray, no files, no config):
   ``mixray.distributed.kmeans`` over Ray actors). Single-process and distributed
   KMeans run this same loop, so with the same initial centres they agree to float
   tolerance.
+
+Exact pruning (Hamerly 2010, the per-point bounds): ``LocalShards`` keeps for every
+point an upper bound ``u ≥ ‖x − c_l(x)‖`` and a lower bound ``ℓ ≤ min_{j≠l(x)} ‖x − c_j‖``.
+When the centres move by ``δ_j``, ``u += δ_l(x)`` and ``ℓ −= max_{j≠l(x)} δ_j``
+(triangle inequality). A point whose bounds still separate, ``ℓ² − u² > τ(x)``,
+cannot change its label and is skipped; otherwise ``u`` is tightened to the exact
+distance and, if that does not settle it, the point's full row of distances is
+computed. ``τ(x) = 64·√d·ε·(‖x‖² + max‖c‖²)`` covers the float error of the matmul
+expansion twice over, so a skipped point is one whose label the full computation
+would not change: labels, sums and the iteration count are those of plain Lloyd.
+Most points are skipped after the first few iterations.
 
 Semantics follow ``sklearn.cluster.KMeans(algorithm="lloyd", n_init=1)``: the data
 are centred before fitting (precision of the matmul expansion), ``tol`` is relative
@@ -51,6 +64,7 @@ INIT_NAMES: tuple[str, ...] = get_args(InitName)
 # 64 MB on a GPU, where fewer, bigger kernels win.
 BLOCK_ELEMENTS = {"cpu": 1 << 17, "cuda": 1 << 24}
 DEFAULT_CENTRE_BLOCK = 4096
+DENSE_FRACTION = 0.5  # pruning: above this share of rows in doubt, compute every row (no gathers)
 PARALLEL_MIN_ROWS = 1 << 15  # LocalShards: below this, one thread (torch's own parallelism)
 
 
@@ -102,6 +116,48 @@ def assign(
             best = torch.where(better, m, best)
             arg = torch.where(better, a + s, arg)
     return arg, (best + x_sq).clamp_min_(0)
+
+
+def assign_two(X: torch.Tensor, C: torch.Tensor, *, x_sq: torch.Tensor | None = None,
+               c_sq: torch.Tensor | None = None, centre_block: int = DEFAULT_CENTRE_BLOCK,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Nearest and second-nearest centre of every row of ``X``.
+
+    ``X [m, d]``, ``C [k, d]`` -> ``labels [m] int64``, ``min_sq [m]``, ``second_sq [m]``
+    (squared distances, clamped at 0; ``second_sq = inf`` when ``k = 1``). Labels
+    and ``min_sq`` are those of ``assign`` (ties to the lower index). Naive::
+
+        D = ((X[:, None] - C[None]) ** 2).sum(-1); D.sort(1).values[:, :2]
+    """
+    x_sq = squared_norms(X) if x_sq is None else x_sq
+    c_sq = squared_norms(C) if c_sq is None else c_sq
+    k = C.shape[0]
+    best = arg = second = None
+    for s in range(0, k, centre_block):
+        e = min(k, s + centre_block)
+        D = torch.addmm(c_sq[s:e], X, C[s:e].T, beta=1, alpha=-2)
+        m, a = D.min(dim=1)
+        if e - s > 1:
+            m2 = D.scatter_(1, a.unsqueeze(1), math.inf).min(dim=1).values
+        else:
+            m2 = torch.full_like(m, math.inf)
+        if best is None:
+            best, arg, second = m, a, m2
+        else:
+            better = m < best  # strict: ties stay with the earlier block (lower index)
+            second = torch.minimum(torch.maximum(best, m), torch.minimum(second, m2))
+            best = torch.where(better, m, best)
+            arg = torch.where(better, a + s, arg)
+    return arg, (best + x_sq).clamp_min_(0), (second + x_sq).clamp_min_(0)
+
+
+def own_sq(X: torch.Tensor, C: torch.Tensor, labels: torch.Tensor, rows: int = 1 << 14) -> torch.Tensor:
+    """``[n]``: ``‖x_i − c_{l(i)}‖²`` from differences (exact to float rounding), in row chunks."""
+    out = torch.empty(X.shape[0], dtype=X.dtype, device=X.device)
+    for s in range(0, X.shape[0], rows):
+        diff = X[s : s + rows] - C[labels[s : s + rows]]
+        out[s : s + rows] = (diff * diff).sum(1)
+    return out
 
 
 def partial_sums(X: torch.Tensor, labels: torch.Tensor, k: int,
@@ -288,59 +344,127 @@ class LocalShards:
     """Every point in this process (CPU or one GPU): the single-process ``ShardSet``.
 
     On CPU the rows are split into ``workers`` contiguous ranges (default: torch's
-    thread count), each handled by one thread running single-threaded torch ops
-    (assign + partial sums of its chunks), and the per-range sums are added in a
-    fixed order. This is scikit-learn's layout (a chunk's assignment and its sums
-    are done together, by one thread, while the chunk is in cache) and it has one
-    synchronisation per iteration instead of one per tensor op, which matters when
-    other processes compete for the cores. On a GPU one stream does it all; with
-    fewer than ``PARALLEL_MIN_ROWS`` rows (default ``workers``) one thread does it.
+    thread count), each handled by one thread running single-threaded torch ops,
+    and the per-range sums are added in a fixed order: one synchronisation per
+    iteration instead of one per tensor op, which matters when other processes
+    compete for the cores. On a GPU one stream does it all; with fewer than
+    ``PARALLEL_MIN_ROWS`` rows (default ``workers``) one thread does it.
+
+    With ``prune`` (default) each step skips the points that the Hamerly bounds
+    (module docstring) prove keep their label; ``min_sq`` is then recomputed from
+    differences when read. ``prune=False`` computes every distance every step.
     """
 
     def __init__(self, X: torch.Tensor, centre_block: int = DEFAULT_CENTRE_BLOCK,
-                 workers: int | None = None):
-        self.X, self.centre_block = X, centre_block
+                 workers: int | None = None, prune: bool = True):
+        self.X, self.centre_block, self.prune = X, centre_block, prune
         self.x_sq = squared_norms(X)
-        self.labels = torch.full((X.shape[0],), -1, dtype=torch.int64, device=X.device)
-        self.min_sq = torch.zeros(X.shape[0], dtype=X.dtype, device=X.device)
+        n = X.shape[0]
+        self.labels = torch.full((n,), -1, dtype=torch.int64, device=X.device)
+        self._min_sq: torch.Tensor | None = torch.zeros(n, dtype=X.dtype, device=X.device)
+        self.upper = torch.full((n,), math.inf, dtype=X.dtype, device=X.device)
+        self.lower = torch.zeros(n, dtype=X.dtype, device=X.device)
+        self._centres: torch.Tensor | None = None  # the centres the labels refer to
+        # τ(x) = 64·√d·ε·(‖x‖² + max‖c‖²): twice the float error of the matmul expansion
+        self._tau_coef = 64.0 * math.sqrt(X.shape[1]) * torch.finfo(X.dtype).eps
+        self.skipped = 0  # points whose distances a step did not compute (all steps)
         if workers is None:  # threads pay off from a few tens of thousands of rows
-            workers = torch.get_num_threads() if X.shape[0] >= PARALLEL_MIN_ROWS else 1
-        self.workers = 1 if X.device.type != "cpu" else max(1, min(workers, X.shape[0]))
+            workers = torch.get_num_threads() if n >= PARALLEL_MIN_ROWS else 1
+        self.workers = 1 if X.device.type != "cpu" else max(1, min(workers, n))
+
+    @property
+    def min_sq(self) -> torch.Tensor:
+        """``[n]``: squared distance of every point to its centre (exact, from differences
+        when pruning left some of them unrecomputed)."""
+        if self._min_sq is None:
+            self._min_sq = own_sq(self.X, self._centres, self.labels)
+        return self._min_sq
 
     def _rows(self, k: int) -> int:
         budget = BLOCK_ELEMENTS.get(self.X.device.type, BLOCK_ELEMENTS["cuda"])
         return max(256, budget // max(1, min(k, self.centre_block)))
 
-    def _assign_range(self, lo: int, hi: int, centres: torch.Tensor, c_sq: torch.Tensor,
-                      with_sums: bool, single_thread: bool) -> tuple:
-        """Assign rows ``lo..hi-1`` chunk by chunk (labels/min_sq written in place).
+    def _full(self, rows: torch.Tensor | slice, centres: torch.Tensor, c_sq: torch.Tensor) -> int:
+        """Every distance of ``rows`` (a slice, or global indices): new labels and exact
+        bounds; returns how many labels changed."""
+        lab, m1, m2 = assign_two(self.X[rows], centres, x_sq=self.x_sq[rows], c_sq=c_sq,
+                                 centre_block=self.centre_block)
+        changed = int((lab != self.labels[rows]).sum())
+        self.labels[rows] = lab
+        if self.prune:
+            self.upper[rows], self.lower[rows] = m1.sqrt(), m2.sqrt()
+        else:
+            self._min_sq[rows] = m1
+        return changed
 
-        Returns ``(sums [k,d], counts [k], changed)`` of the range (sums/counts None
-        unless ``with_sums``).
+    def _unsettled(self, lo: int, hi: int, centres: torch.Tensor, moved: tuple) -> torch.Tensor | None:
+        """Move the bounds of rows ``lo..hi-1`` by the centre shifts; tighten ``u`` where
+        they overlap; return the (global) rows whose label is still in doubt, or None
+        when most are (then a contiguous pass over all rows is cheaper than gathers)."""
+        shift, top, top_j, second, c_sq_max = moved
+        lab, u, low = self.labels[lo:hi], self.upper[lo:hi], self.lower[lo:hi]
+        u += shift[lab]
+        low -= torch.where(lab == top_j, second, top)
+        low.clamp_min_(0)
+        tau = (self.x_sq[lo:hi] + c_sq_max).mul_(self._tau_coef)
+        doubt = torch.nonzero(low * low - u * u <= tau).flatten()
+        if len(doubt) > DENSE_FRACTION * (hi - lo):
+            return None
+        if len(doubt):
+            rows = doubt + lo
+            diff = self.X[rows] - centres[lab[doubt]]
+            exact = (diff * diff).sum(1)
+            u[doubt] = exact.sqrt()
+            doubt = doubt[low[doubt] ** 2 - exact <= tau[doubt]]
+        return doubt + lo
+
+    def _assign_range(self, lo: int, hi: int, centres: torch.Tensor, c_sq: torch.Tensor,
+                      moved: tuple | None, with_sums: bool, single_thread: bool) -> tuple:
+        """Assign rows ``lo..hi-1`` (labels and bounds written in place).
+
+        Returns ``(sums [k,d], counts [k], changed, skipped)`` of the range (sums/counts
+        None unless ``with_sums``).
         """
         if single_thread:
             torch.set_num_threads(1)
         k = centres.shape[0]
-        sums = torch.zeros_like(centres) if with_sums else None
-        counts = torch.zeros(k, dtype=torch.int64, device=centres.device) if with_sums else None
-        changed = 0
-        rows = self._rows(k)
-        for s in range(lo, hi, rows):
-            e = min(hi, s + rows)
-            lab, msq = assign(self.X, centres, x_sq=self.x_sq, c_sq=c_sq,
-                              centre_block=self.centre_block, row_start=s, row_stop=e)
-            changed += int((lab != self.labels[s:e]).sum())
-            self.labels[s:e], self.min_sq[s:e] = lab, msq
-            if with_sums:
-                counts += partial_sums(self.X[s:e], lab, k, out=sums)[1]
-        return sums, counts, changed
+        changed, skipped, rows = 0, 0, self._rows(k)
+        # the rows in doubt; None = all of them (first step, no pruning, or most rows)
+        todo = None if moved is None else self._unsettled(lo, hi, centres, moved)
+        if todo is None:
+            for s in range(lo, hi, rows):
+                changed += self._full(slice(s, min(hi, s + rows)), centres, c_sq)
+        else:
+            skipped = (hi - lo) - len(todo)
+            for s in range(0, len(todo), rows):
+                changed += self._full(todo[s : s + rows], centres, c_sq)
+        sums = counts = None
+        if with_sums:
+            sums, counts = partial_sums(self.X[lo:hi], self.labels[lo:hi], k)
+        return sums, counts, changed, skipped
+
+    def _moved(self, centres: torch.Tensor, c_sq: torch.Tensor) -> tuple | None:
+        """How far each centre moved since the last step: ``(δ [k], max δ, its index,
+        max δ over the others, max ‖c‖²)``; None when every distance must be computed."""
+        prev = self._centres
+        if not self.prune or prev is None or prev.shape != centres.shape:
+            return None
+        shift = (centres - prev).pow(2).sum(1).sqrt()
+        if shift.shape[0] > 1:
+            two = torch.topk(shift, 2)
+            top, second, top_j = two.values[0], two.values[1], two.indices[0]
+        else:
+            top, second, top_j = shift[0], shift.new_zeros(()), shift.new_zeros((), dtype=torch.int64)
+        return shift, top, top_j, second, c_sq.max()
 
     def assign_all(self, centres: torch.Tensor, with_sums: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Assign every row, updating ``labels``/``min_sq``; with the M-step sums if asked."""
+        """Assign every row (skipping the settled ones), updating ``labels``; with the
+        M-step sums if asked."""
         c_sq = squared_norms(centres)
+        moved = self._moved(centres, c_sq)
         n = self.X.shape[0]
         if self.workers == 1:
-            parts = [self._assign_range(0, n, centres, c_sq, with_sums, False)]
+            parts = [self._assign_range(0, n, centres, c_sq, moved, with_sums, False)]
         else:
             bounds = [round(n * i / self.workers) for i in range(self.workers + 1)]
             # the workers' setting is process-wide for MKL: restored on exit (a no-op inside
@@ -348,8 +472,12 @@ class LocalShards:
             # thread pools every iteration cost 14% of the iteration time at k = 100)
             with gemm_threads(1):
                 parts = list(_executor(self.workers).map(
-                    lambda i: self._assign_range(bounds[i], bounds[i + 1], centres, c_sq,
+                    lambda i: self._assign_range(bounds[i], bounds[i + 1], centres, c_sq, moved,
                                                  with_sums, True), range(self.workers)))
+        self._centres = centres.clone()
+        if self.prune:
+            self._min_sq = None  # recomputed from differences when read
+        self.skipped += sum(p[3] for p in parts)
         sums, counts = parts[0][0], parts[0][1]
         for p in parts[1:] if with_sums else ():
             sums += p[0]
@@ -364,7 +492,7 @@ class LocalShards:
         return self.X[idx].clone(), self.labels[idx].clone()
 
     def finish(self, centres: torch.Tensor, relabel: bool) -> float:
-        """Inertia ``Σ_i ‖x_i − c_{l(i)}‖²`` (float64 sum of the assignment's ``min_sq``)."""
+        """Inertia ``Σ_i ‖x_i − c_{l(i)}‖²`` (float64 sum of ``min_sq``)."""
         if relabel:
             self.assign_all(centres, with_sums=False)
         return float(self.min_sq.double().sum())

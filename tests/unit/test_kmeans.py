@@ -12,11 +12,13 @@ from mixray.algorithms.kmeans import (
     LocalShards,
     as_matrix,
     assign,
+    assign_two,
     farthest,
     inertia,
     kmeans_plusplus,
     partial_sums,
     relocate_empty,
+    run_lloyd,
     update_centres,
 )
 from mixray.distributed.kmeans import KMeansShard, split_rows
@@ -101,6 +103,44 @@ def test_fit_matches_sklearn_lloyd_with_the_same_initial_centres(block):
     np.testing.assert_allclose(km.transform(X[:50]), ref.transform(X[:50]), atol=1e-6)
     own = km.transform(X)[np.arange(len(X)), km.labels_]
     np.testing.assert_allclose(km.distances_, own, atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [7, 4096])
+def test_assign_two_gives_the_two_nearest(block):
+    rng = np.random.default_rng(2)
+    X = torch.from_numpy(rng.normal(size=(300, 5)))
+    C = torch.from_numpy(rng.normal(size=(40, 5)))
+    naive = ((X[:, None, :] - C[None, :, :]) ** 2).sum(-1).sort(1)
+    labels, m1, m2 = assign_two(X, C, centre_block=block)
+    assert torch.equal(labels, naive.indices[:, 0])
+    assert torch.allclose(m1, naive.values[:, 0], atol=1e-10)
+    assert torch.allclose(m2, naive.values[:, 1], atol=1e-10)
+    assert torch.isinf(assign_two(X, C[:1])[2]).all()  # one centre: no second
+
+
+@pytest.mark.parametrize("dtype,workers", [(torch.float64, 1), (torch.float32, 3)])
+def test_pruned_lloyd_is_plain_lloyd(dtype, workers):
+    """The Hamerly bounds skip most distance computations and change nothing: the same
+    labels at every step, the same centres, iterations and inertia."""
+    rng = np.random.default_rng(3)
+    X = torch.from_numpy(blobs(n=6000, d=16, k=30, seed=3)).to(dtype)
+    X = X - X.mean(0)
+    C0 = X[torch.from_numpy(rng.choice(len(X), 30, replace=False))].clone()
+    pruned, plain = LocalShards(X, workers=workers), LocalShards(X, workers=workers, prune=False)
+    C_p, C_f = C0.clone(), C0.clone()
+    for _ in range(6):  # step by step: identical labels and sums after every E-step
+        s_p, n_p, ch_p = pruned.step(C_p)
+        s_f, n_f, ch_f = plain.step(C_f)
+        assert torch.equal(pruned.labels, plain.labels) and torch.equal(n_p, n_f) and ch_p == ch_f
+        assert torch.equal(s_p, s_f)
+        C_p, C_f = update_centres(s_p, n_p, C_p), update_centres(s_f, n_f, C_f)
+    assert pruned.skipped > 2 * len(X) and plain.skipped == 0
+    torch.testing.assert_close(pruned.min_sq, plain.min_sq, rtol=1e-4, atol=1e-3)
+    a = run_lloyd(LocalShards(X, workers=workers), C0.clone(), max_iter=100, tol=0.0)
+    b = run_lloyd(LocalShards(X, workers=workers, prune=False), C0.clone(), max_iter=100, tol=0.0)
+    assert (a.n_iter, a.converged) == (b.n_iter, b.converged) and torch.equal(a.centres, b.centres)
+    assert a.inertia == pytest.approx(b.inertia, rel=1e-6)
+    assert a.inertia == pytest.approx(inertia(X, a.centres, assign(X, a.centres)[0]), rel=1e-9)
 
 
 def test_threaded_shard_equals_one_thread():
