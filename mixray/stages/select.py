@@ -241,6 +241,23 @@ def write_selected_jsonl(examples: Path, selected_ids: list[str], out: Path) -> 
     return len(rows)
 
 
+def sweep_labels(xy: list[tuple[float, float]], alphas: list[float],
+                 near: tuple[float, float] = (0.12, 0.05)) -> list[tuple[float, float, str]]:
+    """One label per cluster of plotted points, so that labels do not overprint: points
+    within ``near`` of the plot's span (x: about a label's width, y: its height) of a
+    cluster's first point share its label, ``α=0.1, 0.2``."""
+    span = [max(v) - min(v) or 1.0 for v in zip(*xy, strict=True)] if xy else [1.0, 1.0]
+    groups: list[tuple[float, float, list[str]]] = []
+    for (x, y), a in zip(xy, alphas, strict=True):
+        for gx, gy, names in groups:
+            if abs(x - gx) <= near[0] * span[0] and abs(y - gy) <= near[1] * span[1]:
+                names.append(f"{a:g}")
+                break
+        else:
+            groups.append((x, y, [f"{a:g}"]))
+    return [(x, y, "α=" + ", ".join(names)) for x, y, names in groups]  # at each first point
+
+
 def write_sweep(rows: list[dict], table: Path, plot: Path, k: int) -> None:
     """alpha_sweep.csv and the quality-vs-diversity plot (matplotlib, Agg backend)."""
     import matplotlib
@@ -255,15 +272,12 @@ def write_sweep(rows: list[dict], table: Path, plot: Path, k: int) -> None:
             f.write(",".join("random" if (c == "alpha" and r[c] is None) else repr(r[c]) for c in cols)
                     + "\n")
     fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    pts = [r for r in rows if r["alpha"] is not None]
-    ax.plot([r["diversity"] for r in pts], [r["quality_mean"] for r in pts], "o-", color="C0",
-            label="QDIT")
-    labels: dict[tuple[float, float], list[str]] = {}
-    for r in pts:  # alphas that pick the same set share one label
-        key = (round(r["diversity"], 6), round(r["quality_mean"], 6))
-        labels.setdefault(key, []).append(f"{r['alpha']:g}")
-    for (x, y), alphas in labels.items():
-        ax.annotate("α=" + ", ".join(alphas), (x, y), textcoords="offset points", xytext=(4, 4),
+    pts = sorted((r for r in rows if r["alpha"] is not None), key=lambda r: r["alpha"])
+    xy = [(r["diversity"], r["quality_mean"]) for r in pts]
+    ax.plot(*zip(*xy, strict=True), "o-", color="C0", label="QDIT (by α)")
+    for i, (x, y, text) in enumerate(sweep_labels(xy, [r["alpha"] for r in pts])):
+        # neighbours along the curve alternate above and below it
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 5 if i % 2 else -11),
                     fontsize=8)
     rnd = [r for r in rows if r["alpha"] is None]
     if rnd:

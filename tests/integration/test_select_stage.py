@@ -107,6 +107,16 @@ def test_select_config_rejects_bad_alpha(alpha, match):
         load_config(demo, ["select.optimzer=lazy"])
 
 
+def test_sweep_labels_merge_points_that_would_overlap():
+    # the demo's sweep: four alphas end within a few thousandths of each other
+    xy = [(0.6996, 0.6264), (0.6563, 0.7854), (0.6435, 0.7886), (0.6414, 0.7887), (0.6394, 0.7888),
+          (0.6394, 0.7888)]
+    labels = sel_stage.sweep_labels(xy, [0.0, 0.05, 0.1, 0.2, 0.7, 1.0])
+    assert labels == [(0.6996, 0.6264, "α=0"), (0.6563, 0.7854, "α=0.05"),
+                      (0.6435, 0.7886, "α=0.1, 0.2, 0.7, 1")]
+    assert sel_stage.sweep_labels([(0.5, 0.5)], [0.7]) == [(0.5, 0.5, "α=0.7")]  # one point, no span
+
+
 def test_stage_alpha_sweep_outputs(run_dir):
     cfg = SelectConfig(k=30, alpha=[0.0, 0.7, 1.0], checkpoint_every=10, memory_budget_mb=8)
     m = sel_stage.run_select(cfg, RayConfig(), run_dir, seed=0)
