@@ -35,6 +35,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.e2e)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small pools: one torch thread is fastest, and immune to oversubscribed CI cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` beside the project (real Alpaca, GSM8K, CodeAlpaca, MT-Bench)."""

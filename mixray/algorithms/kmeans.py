@@ -101,20 +101,7 @@ def assign(
     row_stop = X.shape[0] if row_stop is None else row_stop
     Xs = X[row_start:row_stop]
     x_sq = squared_norms(Xs) if x_sq is None else x_sq[row_start:row_stop]
-    c_sq = squared_norms(C) if c_sq is None else c_sq
-    k = C.shape[0]
-    best = arg = None
-    for s in range(0, k, centre_block):
-        e = min(k, s + centre_block)
-        # ‖c‖² − 2·x·c: ‖x‖² is constant per row, added once at the end.
-        D = torch.addmm(c_sq[s:e], Xs, C[s:e].T, beta=1, alpha=-2)
-        m, a = D.min(dim=1)
-        if best is None:
-            best, arg = m, a
-        else:
-            better = m < best  # strict: ties stay with the earlier block (lower index)
-            best = torch.where(better, m, best)
-            arg = torch.where(better, a + s, arg)
+    arg, best, _ = _nearest_blocks(Xs, C, c_sq, centre_block, second=False)
     return arg, (best + x_sq).clamp_min_(0)
 
 
@@ -130,25 +117,36 @@ def assign_two(X: torch.Tensor, C: torch.Tensor, *, x_sq: torch.Tensor | None = 
         D = ((X[:, None] - C[None]) ** 2).sum(-1); D.sort(1).values[:, :2]
     """
     x_sq = squared_norms(X) if x_sq is None else x_sq
+    arg, best, second = _nearest_blocks(X, C, c_sq, centre_block, second=True)
+    return arg, (best + x_sq).clamp_min_(0), (second + x_sq).clamp_min_(0)
+
+
+def _nearest_blocks(X: torch.Tensor, C: torch.Tensor, c_sq: torch.Tensor | None, centre_block: int,
+                    second: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The block loop of ``assign``/``assign_two``: ``‖c‖² − 2·x·c`` per centre block
+    (``‖x‖²`` is constant per row and added by the caller) -> ``(arg [m], best [m],
+    second-best [m] or None)``. Ties go to the lower centre index."""
     c_sq = squared_norms(C) if c_sq is None else c_sq
     k = C.shape[0]
-    best = arg = second = None
+    best = arg = sec = None
     for s in range(0, k, centre_block):
         e = min(k, s + centre_block)
         D = torch.addmm(c_sq[s:e], X, C[s:e].T, beta=1, alpha=-2)
         m, a = D.min(dim=1)
-        if e - s > 1:
-            m2 = D.scatter_(1, a.unsqueeze(1), math.inf).min(dim=1).values
-        else:
-            m2 = torch.full_like(m, math.inf)
+        if second:
+            if e - s > 1:
+                m2 = D.scatter_(1, a.unsqueeze(1), math.inf).min(dim=1).values
+            else:
+                m2 = torch.full_like(m, math.inf)
         if best is None:
-            best, arg, second = m, a, m2
+            best, arg, sec = m, a, (m2 if second else None)
         else:
+            if second:
+                sec = torch.minimum(torch.maximum(best, m), torch.minimum(sec, m2))
             better = m < best  # strict: ties stay with the earlier block (lower index)
-            second = torch.minimum(torch.maximum(best, m), torch.minimum(second, m2))
             best = torch.where(better, m, best)
             arg = torch.where(better, a + s, arg)
-    return arg, (best + x_sq).clamp_min_(0), (second + x_sq).clamp_min_(0)
+    return arg, best, sec
 
 
 def own_sq(X: torch.Tensor, C: torch.Tensor, labels: torch.Tensor, rows: int = 1 << 14) -> torch.Tensor:

@@ -16,7 +16,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from mixray.algorithms.qdit import QDITSelector, minmax, quality_order
 from mixray.config import RayConfig, SelectConfig, load_config
@@ -31,12 +30,7 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "qdit_minilm.npz"
 PER_SOURCE = 160
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _examples(train: Path) -> list[dict]:

@@ -33,13 +33,7 @@ from mixray.algorithms.qdit import (
 DATA = Path(__file__).resolve().parents[1] / "data" / "qdit_minilm.npz"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These pools are small: one torch thread is fastest, and immune to oversubscribed CI cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
