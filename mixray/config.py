@@ -19,26 +19,26 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mixray import choices
 from mixray.errors import ConfigError
 
-# Closed choices, looked up in one place (STYLE.md §8).
-SourceFormat = Literal["auto", "jsonl", "json", "parquet", "csv", "hf"]
-EncoderKind = Literal["sentence-transformers", "lm-embedding", "lm-last-hidden"]
-EmbedText = Literal["instruction", "full", "output"]
-ScoreBackend = Literal["ifd", "reward-model", "column"]
-KMeansInit = Literal["auto", "k-means||", "k-means++", "random"]
-ClusterPlot = Literal["tsne", "pca", "none"]
-TrainLoss = Literal["ntp", "mdit", "sftmix"]
-TrainData = Literal["auto", "all", "select", "cluster"]
-TrainPrecision = Literal["auto", "fp32", "bf16", "fp16"]
-TrainPreset = Literal["none", "sftmix", "mdit"]
-SelectMethod = Literal["qdit", "random", "quality", "threshold", "cluster"]
-SelectOptimizer = Literal["lazy", "naive", "stochastic"]
-SelectDistributed = Literal["none", "sharded", "greedi"]
-Device = Literal["auto", "cpu", "cuda"]
-StageName = Literal["ingest", "embed", "score", "select", "mix", "cluster", "train"]
-STAGE_ORDER: tuple[StageName, ...] = (
-    "ingest", "embed", "score", "select", "mix", "cluster", "train")
+# Closed choices: one source, mixray.choices (STYLE.md §8); registries use the same tuples.
+SourceFormat = Literal[choices.SOURCE_FORMATS]
+EncoderKind = Literal[choices.ENCODERS]
+EmbedText = Literal[choices.EMBED_TEXTS]
+ScoreBackend = Literal[choices.SCORE_BACKENDS]
+KMeansInit = Literal[choices.CLUSTER_INITS]
+ClusterPlot = Literal[choices.CLUSTER_PLOTS]
+TrainLoss = Literal[choices.LOSSES]
+TrainData = Literal[choices.TRAIN_DATA]
+TrainPrecision = Literal[choices.PRECISIONS]
+TrainPreset = Literal[choices.TRAIN_PRESETS]
+SelectMethod = Literal[choices.SELECT_METHODS]
+SelectOptimizer = Literal[choices.SELECT_OPTIMIZERS]
+SelectDistributed = Literal[choices.SELECT_DISTRIBUTED]
+Device = Literal[choices.DEVICES]
+StageName = Literal[choices.STAGES]
+STAGE_ORDER: tuple[str, ...] = choices.STAGES
 
 
 class _Strict(BaseModel):
@@ -195,7 +195,7 @@ class DeepSpeedSettings(_Strict):
     """DeepSpeed ZeRO (``enabled: false`` = plain PyTorch DDP)."""
 
     enabled: bool = True
-    stage: Literal[0, 1, 2, 3] = 2
+    stage: Literal[choices.ZERO_STAGES] = 2
     offload_optimizer: bool = Field(
         default=False, description="optimizer states in CPU RAM (DeepSpeedCPUAdam, compiled once)")
     offload_params: bool = Field(default=False, description="ZeRO-3 only: parameters in CPU RAM")

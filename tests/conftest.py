@@ -114,7 +114,8 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=1_000_000_000,
+        # address="local": never attach to another Ray running on this machine
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=1_000_000_000,
                  log_to_driver=False,
                  runtime_env={"env_vars": {k: os.environ[k] for k in (
                      "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM",
