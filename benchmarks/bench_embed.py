@@ -108,11 +108,11 @@ def main() -> int:
 
     # (b) mixray embed on a local Ray (started before the clock)
     t_ray = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=1_000_000_000,
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=1_000_000_000,
              log_to_driver=False)
     ray_init_s = time.perf_counter() - t_ray
     ray.data.DataContext.get_current().enable_progress_bars = False
-    from mixray.stages import embed as embed_stage
+    from mixray.io.embeddings import read_embeddings
 
     arrivals: list[tuple[float, int]] = []
     orig = pq.ParquetWriter.write_table
@@ -128,7 +128,7 @@ def main() -> int:
     pq.ParquetWriter.write_table = orig
     ray.shutdown()
 
-    _, emb, _ = embed_stage.read_embeddings(work / "run" / "embed" / "embeddings.parquet")
+    _, emb, _ = read_embeddings(work / "run" / "embed" / "embeddings.parquet")
     max_diff = float(np.abs(emb - ref).max())
     first_t, first_n = arrivals[0]
     steady_rows = sum(r for _, r in arrivals[1:])

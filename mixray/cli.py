@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from mixray.errors import MixrayError
-from mixray.stages import STAGES, run_stage
+from mixray.stages import STAGES
 
 log = logging.getLogger("mixray")
 
@@ -31,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Overrides: key.path=value after CONFIG, e.g. embed.batch_size=512 ingest.sources.0.limit=100",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error (user errors print one line without it)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {"validate": "validate a config and print the resolved result"}
     helps |= {name: text for name, (_, text) in STAGES.items()}
@@ -44,27 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run_stages(cfg, stages: list[str], force: bool) -> dict:
-    from mixray.config import dump_config
-
-    run_dir = Path(cfg.run_dir).resolve()  # Ray workers do not share the driver's working directory
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    results = {stage: run_stage(stage, cfg, run_dir, force) for stage in stages}
-    log.info("done: %s -> %s", ", ".join(stages), run_dir)
-    return results
-
-
 def _validate(cfg) -> list[str]:
-    """Checks beyond the schema that need no heavy import: files and models exist."""
+    """Checks beyond the schema that need no heavy import: files and models exist (one per problem)."""
     from mixray.models.registry import check_model
-    from mixray.stages.ingest import source_paths
+    from mixray.stages.ingest import source_problems
 
-    problems = []
-    try:
-        source_paths(cfg.ingest)
-    except MixrayError as e:
-        problems.append(str(e))
+    problems = source_problems(cfg.ingest)[1]
     checks = [("embed.model", cfg.embed.model, "embed" in cfg.stages)]
     checks.append(("score.model", cfg.score.model, "score" in cfg.stages and cfg.score.backend != "column"))
     checks.append(("mix.model", cfg.mix.model, "mix" in cfg.stages))
@@ -78,6 +64,37 @@ def _validate(cfg) -> list[str]:
     return problems
 
 
+def _user_error(e: BaseException) -> MixrayError | None:
+    """The MixrayError behind ``e``: itself, or the cause of a Ray task/actor error."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, MixrayError) and type(e).__module__.startswith("mixray"):
+            return e
+        e = getattr(e, "cause", None) or e.__cause__
+        seen += 1
+    return None
+
+
+def _command(args) -> int:
+    from mixray.config import dump_config, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "validate":
+        problems = _validate(cfg)
+        if problems:
+            print(f"{args.config}: {len(problems)} problem(s)", file=sys.stderr)
+            for p in problems:
+                print(f"  - {p}", file=sys.stderr)
+            return 2
+        print(dump_config(cfg), end="")
+        print(f"{args.config}: OK", file=sys.stderr)
+        return 0
+    from mixray.stages.runner import run_stages
+
+    run_stages(cfg, cfg.stages if args.command == "run" else [args.command], args.force)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -86,29 +103,17 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    from mixray.config import dump_config, load_config
-
     try:
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "validate":
-            problems = _validate(cfg)
-            if problems:
-                print(f"{args.config}: {len(problems)} problem(s)", file=sys.stderr)
-                for p in problems:
-                    print(f"  - {p}", file=sys.stderr)
-                return 2
-            print(dump_config(cfg), end="")
-            print(f"{args.config}: OK", file=sys.stderr)
-            return 0
-        stages = cfg.stages if args.command == "run" else [args.command]
-        _run_stages(cfg, stages, args.force)
-        return 0
-    except MixrayError as e:
-        print(f"mixray {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _command(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        err = _user_error(e)
+        if err is None or args.debug:
+            raise
+        print(f"mixray {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

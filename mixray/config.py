@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -43,6 +43,23 @@ STAGE_ORDER: tuple[str, ...] = choices.STAGES
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # keys that were renamed: old -> new; using the old one is an error that names the new one
+    RENAMED: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            old = [k for k in cls.RENAMED if k in data]
+            if old:
+                raise ValueError("; ".join(f"{k!r} was renamed to {cls.RENAMED[k]!r}" for k in old))
+        return data
+
+
+def _only_for(section: BaseModel, key: str, used: bool, when: str) -> None:
+    """A setting given explicitly where it has no effect is an error, not silently ignored."""
+    if not used and key in section.model_fields_set:
+        raise ValueError(f"{key} applies only with {when}; remove it")
 
 
 class RayConfig(_Strict):
@@ -127,6 +144,12 @@ class EmbedConfig(ActorPoolConfig):
     max_length: int = Field(default=256, ge=8)
     encode_batch_size: int = Field(default=64, ge=1, description="sentence-transformers minibatch")
 
+    @model_validator(mode="after")
+    def _used_settings(self) -> EmbedConfig:
+        _only_for(self, "encode_batch_size", self.encoder == "sentence-transformers",
+                  "encoder: sentence-transformers")
+        return self
+
 
 class ScoreConfig(ActorPoolConfig):
     backend: ScoreBackend = "ifd"
@@ -137,6 +160,12 @@ class ScoreConfig(ActorPoolConfig):
     batch_size: int = Field(default=16, ge=1)
     sample: int | None = Field(default=None, ge=1, description="score a seeded sample only")
     trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _used_settings(self) -> ScoreConfig:
+        _only_for(self, "label_index", self.backend == "reward-model", "backend: reward-model")
+        _only_for(self, "column", self.backend == "column", "backend: column")
+        return self
 
 
 class MixConfig(_Strict):
@@ -159,6 +188,8 @@ class MixConfig(_Strict):
 class ClusterConfig(_Strict):
     """MDIT's selection: KMeans on originals ∪ mixes over Ray actors, nearest-to-centroid (docs/mdit.md)."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"actors": "concurrency"}
+
     budget: int = Field(default=1000, ge=1, description="number of points to keep")
     n_clusters: int | None = Field(default=None, ge=1, description="m; null = budget (the paper's setting)")
     per_cluster: int | None = Field(default=None, ge=0,
@@ -168,7 +199,7 @@ class ClusterConfig(_Strict):
     tol: float = Field(default=1e-4, ge=0, description="relative to the mean feature variance (as sklearn)")
     oversampling: float = Field(default=2.0, gt=0, description="k-means||: ℓ = oversampling · m per round")
     init_rounds: int = Field(default=5, ge=1, description="k-means|| rounds")
-    actors: int = Field(default=2, ge=1, description="Ray actors holding shards of the points")
+    concurrency: int = Field(default=2, ge=1, description="Ray actors holding shards of the points")
     num_cpus: float = Field(default=1, gt=0, description="CPUs reserved per actor")
     num_gpus: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
         default="auto", description="GPUs per actor; auto = 1 when the cluster has GPUs, else 0")
@@ -250,6 +281,8 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 class TrainConfig(_Strict):
     """Fine-tuning on Ray Train (+ DeepSpeed ZeRO): loss ntp | mdit | sftmix, full or LoRA."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"tokenize_workers": "tokenize_concurrency"}
+
     preset: TrainPreset = Field(default="none", description="fill unset keys with a paper's settings")
     model: str = Field(default="SmolLM2-135M-Instruct", description="HF directory or offline alias")
     trust_remote_code: bool = False
@@ -290,7 +323,7 @@ class TrainConfig(_Strict):
         "about one per 2 s, so reporting each fast step would stall training)")
     loss_chunk_rows: int | None = Field(
         default=None, ge=1, description="logit rows per V-wide loss chunk; null: 64 MB of float32 per chunk")
-    tokenize_workers: int = Field(default=1, ge=1, description="Ray Data actors that tokenize")
+    tokenize_concurrency: int = Field(default=1, ge=1, description="Ray Data actors that tokenize")
     fault_injection: FaultInjection = FaultInjection()
 
     @model_validator(mode="before")
@@ -341,6 +374,8 @@ class SelectConfig(_Strict):
     is the main selection (``selection.parquet``, ``selected.jsonl``).
     """
 
+    RENAMED: ClassVar[dict[str, str]] = {"actors": "concurrency"}
+
     method: SelectMethod = Field(
         default="qdit", description="qdit | random | quality (top-K) | threshold | cluster")
     k: int = Field(default=1000, ge=1, description="examples to select (at most the pool size)")
@@ -353,7 +388,7 @@ class SelectConfig(_Strict):
     seed: int | None = Field(default=None, description="default: the run's seed")
     distributed: SelectDistributed = Field(
         default="none", description="none | sharded (exact, P actors) | greedi (approximate)")
-    actors: int = Field(default=2, ge=1, description="sharded: number of shard actors")
+    concurrency: int = Field(default=2, ge=1, description="sharded: number of shard actors")
     partitions: int = Field(default=4, ge=1, description="greedi: number of partitions")
     num_cpus: float = Field(default=1, gt=0, description="CPUs reserved per actor/task")
     num_gpus: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
@@ -417,9 +452,16 @@ def section_hash(section: BaseModel | dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def _parse_scalar(text: str) -> Any:
+def _parse_scalar(text: str, key: str = "") -> Any:
     """``a.b=c`` values are parsed as YAML scalars/flow collections: 3, true, null, [1, 2]."""
-    return yaml.safe_load(text) if text != "" else ""
+    if text == "":
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"override value {text!r} is not a YAML value ({problem}); quote strings, "
+                          "close brackets: key=[0.5, 0.7]", where=key) from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -446,9 +488,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if isinstance(node, list):
             if not last.isdigit() or int(last) >= len(node):
                 raise ConfigError(f"override {key!r}: {last!r} is not a valid index")
-            node[int(last)] = _parse_scalar(value)
+            node[int(last)] = _parse_scalar(value, key)
         else:
-            node[last] = _parse_scalar(value)
+            node[last] = _parse_scalar(value, key)
     return raw
 
 
@@ -471,7 +513,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"not valid YAML: {e}", where=str(path)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})",
+                          where=str(path)) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     apply_overrides(raw, overrides or [])

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from mixray.algorithms import facility as fl
+from mixray.errors import SelectionInputError
 
 log = logging.getLogger("mixray.qdit")
 
@@ -43,8 +44,6 @@ OPTIMIZERS: tuple[str, ...] = ("lazy", "naive", "stochastic")
 METHODS: tuple[str, ...] = ("qdit", "random", "quality", "threshold", "cluster")
 
 
-class SelectionInputError(ValueError):
-    """Invalid input to a selector; the message says what was received and what is allowed."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -95,6 +96,28 @@ def write_table(table: pa.Table, path: Path) -> None:
     pq.write_table(table, path, compression="zstd")
 
 
+_STALE = re.compile(r"^\..+\.tmp-\d+$|.+\.partial$")
+
+
+def remove_stale_temp_files(stage_dir: Path) -> int:
+    """Remove temp outputs (``.<name>.tmp-<pid>``, ``<name>.partial``) of interrupted runs.
+
+    Called by the stage runner before a stage runs, under the run directory's lock, so
+    no live process owns them. Looks at the stage directory and its direct
+    subdirectories (e.g. ``checkpoints/``). Returns the number removed.
+    """
+    if not stage_dir.is_dir():
+        return 0
+    dirs = [stage_dir, *(p for p in stage_dir.iterdir() if p.is_dir() and not _STALE.match(p.name))]
+    n = 0
+    for d in dirs:
+        for p in d.iterdir():
+            if _STALE.match(p.name):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                n += 1
+    return n
+
+
 def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
     p = stage_dir / MANIFEST
     if not p.is_file():
@@ -127,14 +150,28 @@ def output_hash(stage_dir: Path, name: str) -> str:
 
 
 @contextmanager
+def _fsync(path: Path) -> None:
+    """Flush a file (or every file of a directory, and the directory) to stable storage."""
+    paths = [path] if path.is_file() else [*sorted(p for p in path.rglob("*") if p.is_file()), path]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextmanager
 def stage_run(stage_dir: Path, config_hash: str, input_hashes: dict[str, str]) -> Iterator[StageRun]:
     """Run a stage body; on success, rename temp outputs into place and write the manifest.
 
-    The old manifest is removed *before* the body runs, so an interrupted run
-    can never leave a manifest that vouches for half-written outputs.
+    Outputs are written under temporary names, so a body that fails or is killed
+    leaves the previous outputs and their manifest as they were. On success the
+    old manifest is removed, every output is flushed (fsync) and renamed into
+    place, and the new manifest is written last, also flushed: a crash between
+    two renames leaves no manifest, never one that vouches for other bytes.
     """
     stage_dir.mkdir(parents=True, exist_ok=True)
-    (stage_dir / MANIFEST).unlink(missing_ok=True)
     run = StageRun(stage_dir, config_hash, input_hashes)
     t0 = time.time()
     try:
@@ -146,8 +183,10 @@ def stage_run(stage_dir: Path, config_hash: str, input_hashes: dict[str, str]) -
             else:
                 tmp.unlink(missing_ok=True)
         raise
+    (stage_dir / MANIFEST).unlink(missing_ok=True)
     outputs = {}
     for tmp, final in run._pending:
+        _fsync(tmp)
         if final.is_dir():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -164,6 +203,8 @@ def stage_run(stage_dir: Path, config_hash: str, input_hashes: dict[str, str]) -
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": library_versions(),
     }
-    tmp_manifest = stage_dir / f".{MANIFEST}.tmp"
+    tmp_manifest = stage_dir / f".{MANIFEST}.tmp-{os.getpid()}"
     tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=False))
+    _fsync(tmp_manifest)
     os.replace(tmp_manifest, stage_dir / MANIFEST)
+    _fsync(stage_dir)

@@ -107,7 +107,7 @@ class LMEmbeddingEncoder:
     """
 
     def __init__(self, model_path: str, text: str = "instruction", normalize: bool = False,
-                 max_length: int = 256, threads: int | None = None, **_: object):
+                 max_length: int = 256, threads: int | None = None):
         self.device = _device(threads)
         model_path = resolve_model(model_path)
         self.tok = _load_tokenizer(model_path)
@@ -133,7 +133,7 @@ class LMLastHiddenEncoder:
     """A causal LM's last-layer hidden state at the example's final token (SFTMix's plots)."""
 
     def __init__(self, model_path: str, text: str = "full", normalize: bool = False,
-                 max_length: int = 512, threads: int | None = None, micro_batch: int = 8, **_: object):
+                 max_length: int = 512, threads: int | None = None, micro_batch: int = 8):
         from transformers import AutoModelForCausalLM
 
         self.device = _device(threads)
@@ -179,7 +179,7 @@ class IFDScorer:
     backend = "ifd"
 
     def __init__(self, model_path: str, max_length: int = 512, micro_batch: int = 4,
-                 threads: int | None = None, trust_remote_code: bool = False, **_: object):
+                 threads: int | None = None, trust_remote_code: bool = False):
         from transformers import AutoModelForCausalLM
 
         self.device = _device(threads)
@@ -248,8 +248,7 @@ class RewardModelScorer:
     backend = "reward-model"
 
     def __init__(self, model_path: str, max_length: int = 512, micro_batch: int = 8,
-                 label_index: int = 0, threads: int | None = None, trust_remote_code: bool = False,
-                 **_: object):
+                 label_index: int = 0, threads: int | None = None, trust_remote_code: bool = False):
         from transformers import AutoModelForSequenceClassification
 
         self.device = _device(threads)

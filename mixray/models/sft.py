@@ -38,7 +38,7 @@ def encode_example(tok, instruction: str, input_: str, output: str, max_length: 
 class SFTEncoder:
     """Ray Data callable: training rows (pyarrow) -> the same rows plus token columns."""
 
-    def __init__(self, model_path: str, max_length: int, trust_remote_code: bool = False, **_: object):
+    def __init__(self, model_path: str, max_length: int, trust_remote_code: bool = False):
         self.tok = load_tokenizer(model_path, trust_remote_code)
         self.max_length = max_length
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+# The example columns an encoder or scorer reads (``id`` to key the result).
+TEXT_COLUMNS = ("id", "instruction", "input", "output")
+
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{ctx}. "
     "Write a response that appropriately completes the request.\n\n"

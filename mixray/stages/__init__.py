@@ -1,9 +1,10 @@
-"""Layer 3: stages. Each wires one config section to layer-2 code and writes Parquet.
+"""Layer 3: stages. Each declares its inputs and outputs and holds only its work.
 
 ``STAGES`` is the one registry the CLI and ``mixray run`` read: stage name ->
-(``"module:function"``, one-line help). Every function has the signature
-``fn(cfg: RunConfig, run_dir: Path, force: bool) -> dict`` (the stage manifest,
-plus ``skipped``). Modules are imported only when their stage runs, so
+(``"module:Class"``, one-line help), keyed by ``mixray.choices.STAGES`` in run
+order. Each class subclasses :class:`mixray.stages.runner.Stage`; the runner
+(``mixray.stages.runner.execute``) owns hashing, skipping, manifests, atomic
+outputs and logging. Modules are imported only when their stage runs, so
 ``mixray --help`` stays instant.
 """
 
@@ -14,17 +15,26 @@ from pathlib import Path
 from typing import Any
 
 STAGES: dict[str, tuple[str, str]] = {
-    "ingest": ("mixray.stages.ingest:stage", "read the sources into examples.parquet (+ rejects.parquet)"),
-    "embed": ("mixray.stages.embed:stage", "embed the examples over a Ray Data actor pool"),
-    "score": ("mixray.stages.score:stage", "score the examples' quality over a Ray Data actor pool"),
-    "select": ("mixray.stages.select:stage", "pick K examples by quality + diversity (QDIT)"),
-    "mix": ("mixray.stages.mix:stage", "MDIT: plan cross-task mixes (pairs of similar length, λ) -> mix_plan.parquet"),
-    "cluster": ("mixray.stages.cluster:stage", "MDIT: KMeans on originals + mixes over Ray actors, keep the nearest -> selection.parquet"),
-    "train": ("mixray.stages.train:stage", "fine-tune on Ray Train + DeepSpeed (loss ntp | mdit | sftmix)"),
+    "ingest": ("mixray.stages.ingest:Ingest", "read the sources into examples.parquet (+ rejects.parquet)"),
+    "embed": ("mixray.stages.embed:Embed", "embed the examples over a Ray Data actor pool"),
+    "score": ("mixray.stages.score:Score", "score the examples' quality over a Ray Data actor pool"),
+    "select": ("mixray.stages.select:Select", "pick K examples by quality + diversity (QDIT)"),
+    "mix": ("mixray.stages.mix:Mix", "MDIT: plan cross-task mixes (pairs of similar length, λ) -> mix_plan.parquet"),
+    "cluster": ("mixray.stages.cluster:Cluster", "MDIT: KMeans on originals + mixes over Ray actors, keep the nearest -> selection.parquet"),
+    "train": ("mixray.stages.train:Train", "fine-tune on Ray Train + DeepSpeed (loss ntp | mdit | sftmix)"),
 }
 
 
+def stage_class(name: str) -> type:
+    """The Stage subclass registered as ``name`` (imported on first use)."""
+    module, _, cls = STAGES[name][0].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def run_stage(name: str, cfg: Any, run_dir: Path, force: bool = False) -> dict:
-    """Import stage ``name`` and run it on the resolved config."""
-    module, _, fn = STAGES[name][0].partition(":")
-    return getattr(importlib.import_module(module), fn)(cfg, run_dir, force)
+    """Run (or skip) stage ``name`` on the resolved config; returns its manifest (+ ``skipped``)."""
+    from mixray.io.lock import run_dir_lock
+    from mixray.stages.runner import execute
+
+    with run_dir_lock(Path(run_dir)):
+        return execute(stage_class(name)(cfg, Path(run_dir)), force)

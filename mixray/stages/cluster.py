@@ -36,37 +36,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mixray.algorithms.mdit import mix_vectors, select_nearest
-from mixray.config import ClusterConfig, RayConfig, RunConfig, section_hash
-from mixray.errors import InputError
-from mixray.io.rundir import (
-    fingerprint,
-    is_complete,
-    output_hash,
-    read_manifest,
-    stage_run,
-    write_table,
+from mixray.config import ClusterConfig, RayConfig
+from mixray.contracts import (
+    CENTROIDS,
+    CLUSTER_PLOT,
+    CLUSTER_SELECTION,
+    CLUSTER_SELECTION_SCHEMA,
+    EMBEDDINGS,
+    EXAMPLES,
+    MIX_PLAN,
+    pair_name,
 )
-from mixray.stages.embed import EMBEDDINGS, embedding_array, read_embeddings
-from mixray.stages.embed import STAGE as EMBED
-from mixray.stages.ingest import EXAMPLES
-from mixray.stages.ingest import STAGE as INGEST
-from mixray.stages.mix import MIX_PLAN, pair_name
-from mixray.stages.mix import STAGE as MIX
+from mixray.errors import InputError
+from mixray.io.embeddings import embedding_array, read_embeddings
+from mixray.io.rundir import write_table
+from mixray.stages.runner import Outputs, Stage
 
 log = logging.getLogger("mixray.cluster")
 
-STAGE = "cluster"
-SELECTION = "selection.parquet"
-CENTROIDS = "centroids.parquet"
-PLOT = "originals_vs_mixes.png"
 # init "auto": k-means|| up to this m, uniform random above (the weighted k-means++ that ends
 # k-means|| costs O(m · M · log m · d) on the driver, M ≈ rounds · oversampling · m candidates)
 AUTO_KMEANS_PARALLEL_MAX_K = 1024
-SELECTION_SCHEMA = pa.schema([
-    ("id", pa.string()), ("rank", pa.int64()), ("cluster", pa.int64()), ("dist", pa.float64()),
-    ("is_mix", pa.bool_()), ("a_id", pa.string()), ("b_id", pa.string()), ("lam", pa.float64()),
-    ("task", pa.string()), ("within", pa.int64()),
-])
 
 
 class Pool:
@@ -106,10 +96,10 @@ def resolve_init(init: str, k: int) -> str:
 
 def load_pool(run_dir: Path) -> tuple[Pool, np.ndarray, pa.Table, np.ndarray, dict]:
     """(pool, original ids, mix plan table, task per original, embedding metadata)."""
-    ids, V, meta = read_embeddings(run_dir / EMBED / EMBEDDINGS)
-    plan = pq.read_table(run_dir / MIX / MIX_PLAN, columns=["mix_id", "a_id", "b_id", "task_a",
+    ids, V, meta = read_embeddings(EMBEDDINGS.path(run_dir))
+    plan = pq.read_table(MIX_PLAN.path(run_dir), columns=["mix_id", "a_id", "b_id", "task_a",
                                                              "task_b", "lam"])
-    ex = pq.read_table(run_dir / INGEST / EXAMPLES, columns=["id", "task"])
+    ex = pq.read_table(EXAMPLES.path(run_dir), columns=["id", "task"])
     task_of = dict(zip(ex.column("id").to_pylist(), ex.column("task").to_pylist(), strict=True))
     missing = [i for i in ids if i not in task_of]
     if missing:
@@ -150,7 +140,7 @@ def fit_kmeans(cfg: ClusterConfig, ray_cfg: RayConfig, pool: Pool, m: int, seed:
     from mixray.distributed.runtime import init_ray
 
     init_ray(ray_cfg)
-    actors = min(cfg.actors, len(pool))
+    actors = min(cfg.concurrency, len(pool))
     refs = [ray.put(pool.rows(a, b)) for a, b in split_rows(len(pool), actors)]
     km = DistributedKMeans(
         m, n_actors=actors, init=resolve_init(cfg.init, m), max_iter=cfg.max_iter, tol=cfg.tol,
@@ -228,52 +218,55 @@ def selection_table(chosen: np.ndarray, within: np.ndarray, km, pool: Pool, ids:
         "lam": pa.array(lam_col, pa.float64(), mask=~is_mix),
         "task": pa.array(task.tolist(), pa.string()),
         "within": pa.array(within.astype(np.int64), pa.int64()),
-    }, schema=SELECTION_SCHEMA)
+    }, schema=CLUSTER_SELECTION_SCHEMA)
 
 
-def run_cluster(cfg: ClusterConfig, ray_cfg: RayConfig, run_dir: Path, seed: int = 0,
-                force: bool = False) -> dict:
-    stage_dir = run_dir / STAGE
-    input_hashes = {"examples": output_hash(run_dir / INGEST, EXAMPLES),
-                    "embeddings": output_hash(run_dir / EMBED, EMBEDDINGS),
-                    "mix_plan": output_hash(run_dir / MIX, MIX_PLAN)}
-    config_hash = section_hash(cfg.model_dump(mode="json") | {"seed": seed})
-    if not force and is_complete(stage_dir, fingerprint(config_hash, input_hashes)):
-        m = read_manifest(stage_dir)
-        log.info("cluster: inputs and config unchanged, skipped (%d kept)", m["counts"]["kept"])
-        return m | {"skipped": True}
+def kmeans_summary(km, m: int, init: str) -> dict:
+    return {"n_clusters": m, "init": init, "actors": km.n_actors, "n_iter": km.n_iter_,
+            "converged": km.converged_, "inertia": km.inertia_, "relocated": km.n_relocated_,
+            "broadcasts": km.broadcasts_,
+            "seconds": {k: round(float(v), 3) for k, v in km.timings_.items()}}
 
-    pool, ids, plan, tasks, meta = load_pool(run_dir)
-    if meta.get("mixray.encoder") != "lm-embedding":
-        log.warning("cluster: embeddings come from encoder %r, not 'lm-embedding' (MDIT's mean of "
-                    "the embedding-layer vectors); mixing them linearly anyway",
-                    meta.get("mixray.encoder"))
-    m = check_sizes(cfg, pool)
-    t0 = time.time()
-    with stage_run(stage_dir, config_hash, input_hashes) as run:
-        km = fit_kmeans(cfg, ray_cfg, pool, m, seed)
+
+class Cluster(Stage):
+    """``cluster``: KMeans on originals ∪ mixes over Ray actors, keep the points nearest a centroid."""
+
+    name = "cluster"
+    requires = (EXAMPLES, EMBEDDINGS, MIX_PLAN)
+    outputs = (CLUSTER_SELECTION, CENTROIDS, CLUSTER_PLOT)
+    summary = "{kept} kept"
+    seeded = True
+    memory_knobs = ("concurrency", "centre_block", "num_cpus")
+
+    def run(self, out: Outputs) -> None:
+        cfg, seed = self.section, self.cfg.seed
+        pool, ids, plan, tasks, meta = load_pool(self.run_dir)
+        if meta.get("mixray.encoder") != "lm-embedding":
+            log.warning("cluster: embeddings come from encoder %r, not 'lm-embedding' (MDIT's mean of "
+                        "the embedding-layer vectors); mixing them linearly anyway",
+                        meta.get("mixray.encoder"))
+        m = check_sizes(cfg, pool)
+        t0 = time.time()
+        km = fit_kmeans(cfg, self.cfg.ray, pool, m, seed)
         chosen, within = select_nearest(km.labels_, km.distances_, cfg.budget, m, cfg.per_cluster)
         table = selection_table(chosen, within, km, pool, ids, plan, tasks)
-        write_table(table, run.tmp_path(SELECTION))
+        write_table(table, out.path(CLUSTER_SELECTION))
         write_table(pa.table({
             "cluster": pa.array(np.arange(m), pa.int64()),
             "size": pa.array(np.bincount(km.labels_, minlength=m), pa.int64()),
             "centroid": embedding_array(km.cluster_centers_),
-        }), run.tmp_path(CENTROIDS))
+        }), out.path(CENTROIDS))
         plot = None
         if cfg.plot != "none":
-            plot = write_plot(run.tmp_path(PLOT), pool, cfg.plot, cfg.plot_sample, seed)
+            plot = write_plot(out.path(CLUSTER_PLOT), pool, cfg.plot, cfg.plot_sample, seed)
         kept_mix = int(np.sum(chosen >= pool.n_orig))
         task_col = table.column("task").to_pylist()
-        run.counts = {"originals": pool.n_orig, "mixes": pool.n_mix, "pool": len(pool),
+        out.counts = {"originals": pool.n_orig, "mixes": pool.n_mix, "pool": len(pool),
                       "kept": len(chosen), "kept_originals": len(chosen) - kept_mix,
                       "kept_mixes": kept_mix}
-        run.extra = {
+        out.extra = {
             "encoder": meta.get("mixray.encoder"), "dim": int(pool.V.shape[1]),
-            "kmeans": {"n_clusters": m, "init": resolve_init(cfg.init, m), "actors": km.n_actors,
-                       "n_iter": km.n_iter_, "converged": km.converged_, "inertia": km.inertia_,
-                       "relocated": km.n_relocated_, "broadcasts": km.broadcasts_,
-                       "seconds": {k: round(float(v), 3) for k, v in km.timings_.items()}},
+            "kmeans": kmeans_summary(km, m, resolve_init(cfg.init, m)),
             "per_cluster": cfg.per_cluster if cfg.per_cluster is not None else cfg.budget // m,
             "kept_by_task": {t: task_col.count(t) for t in sorted(set(task_col))},
             "plot": plot,
@@ -281,9 +274,3 @@ def run_cluster(cfg: ClusterConfig, ray_cfg: RayConfig, run_dir: Path, seed: int
         log.info("cluster: %d originals + %d mixes -> %d clusters (%d iterations, %s) -> kept %d "
                  "(%d mixes) in %.1f s", pool.n_orig, pool.n_mix, m, km.n_iter_, km.converged_,
                  len(chosen), kept_mix, time.time() - t0)
-    return read_manifest(stage_dir) | {"skipped": False}
-
-
-def stage(cfg: RunConfig, run_dir: Path, force: bool = False) -> dict:
-    """The ``cluster`` stage of ``mixray run`` (see ``mixray.stages.STAGES``)."""
-    return run_cluster(cfg.cluster, cfg.ray, run_dir, seed=cfg.seed, force=force)

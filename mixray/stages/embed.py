@@ -18,96 +18,83 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mixray.config import EmbedConfig, RayConfig, RunConfig, section_hash
+from mixray.contracts import EMBEDDINGS, EXAMPLES
 from mixray.errors import InputError
-from mixray.io.rundir import fingerprint, is_complete, output_hash, read_manifest, stage_run
+from mixray.io.embeddings import embedding_array, embedding_schema
 from mixray.models.registry import check_model, resolve_model
-from mixray.stages.ingest import EXAMPLES
-from mixray.stages.ingest import STAGE as INGEST
+from mixray.models.text import TEXT_COLUMNS
+from mixray.stages.runner import Outputs, Stage
 
 log = logging.getLogger("mixray.embed")
 
-STAGE = "embed"
-EMBEDDINGS = "embeddings.parquet"
-TEXT_COLUMNS = ["id", "instruction", "input", "output"]
+
+def encoder_kwargs(cfg) -> dict[str, Any]:
+    """The settings the configured encoder uses (and only those: constructors reject others)."""
+    kw = {"model_path": cfg.model, "text": cfg.text, "normalize": cfg.normalize,
+          "max_length": cfg.max_length}
+    if cfg.encoder == "sentence-transformers":
+        kw["encode_batch_size"] = cfg.encode_batch_size
+    return kw
 
 
-def embedding_array(emb: np.ndarray) -> pa.FixedSizeListArray:
-    """``[B, d]`` float32 -> Arrow ``fixed_size_list<float32>[d]``."""
-    emb = np.ascontiguousarray(emb, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
+def _checked(emb: np.ndarray, normalize: bool) -> np.ndarray:
+    if not np.isfinite(emb).all():
+        raise InputError("embed: the encoder produced NaN/inf values")
+    if normalize and not np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-3):
+        raise InputError("embed: normalize is on but the encoder returned non-unit rows")
+    return emb
 
 
-def read_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
-    """(ids [N], embeddings [N, d] float32, metadata) from an embeddings.parquet."""
-    t = pq.read_table(path)
-    col = t.column("embedding").combine_chunks()
-    d = col.type.list_size
-    emb = col.values.to_numpy(zero_copy_only=False).reshape(-1, d)
-    meta = {k.decode(): v.decode() for k, v in (t.schema.metadata or {}).items()}
-    return np.asarray(t.column("id").to_pylist(), dtype=object), emb, meta
+class Embed(Stage):
+    """``embed``: examples -> embeddings over a Ray Data actor pool."""
 
+    name = "embed"
+    requires = (EXAMPLES,)
+    outputs = (EMBEDDINGS,)
+    summary = "{out} embeddings"
+    memory_knobs = ("concurrency", "batch_size", "encode_batch_size", "num_cpus")
 
-def encoder_kwargs(cfg: EmbedConfig) -> dict[str, Any]:
-    return {"model_path": cfg.model, "text": cfg.text, "normalize": cfg.normalize,
-            "max_length": cfg.max_length, "encode_batch_size": cfg.encode_batch_size}
+    def check(self) -> None:
+        check_model(self.section.model, "embed.model")
 
+    def run(self, out: Outputs) -> None:
+        from mixray.distributed.pipeline import map_with_actors, read_examples
+        from mixray.distributed.runtime import init_ray
+        from mixray.models.callables import ENCODERS
 
-def run_embed(cfg: EmbedConfig, ray_cfg: RayConfig, run_dir: Path, force: bool = False) -> dict:
-    from mixray.distributed.pipeline import map_with_actors, read_examples
-    from mixray.distributed.runtime import init_ray
-    from mixray.models.callables import ENCODERS
-
-    stage_dir = run_dir / STAGE
-    examples = run_dir / INGEST / EXAMPLES
-    input_hashes = {"examples": output_hash(run_dir / INGEST, EXAMPLES)}
-    check_model(cfg.model, "embed.model")
-    config_hash = section_hash(cfg)
-    if not force and is_complete(stage_dir, fingerprint(config_hash, input_hashes)):
-        m = read_manifest(stage_dir)
-        log.info("embed: examples and config unchanged, skipped (%d rows)", m["counts"]["out"])
-        return m | {"skipped": True}
-
-    n_in = pq.ParquetFile(examples).metadata.num_rows
-    init_ray(ray_cfg)
-    resolve_model(cfg.model, "embed.model")  # build an offline alias once, on the driver's node
-    with stage_run(stage_dir, config_hash, input_hashes) as run:
-        ds = read_examples(str(examples), TEXT_COLUMNS, cfg.batch_size)
-        out = map_with_actors(ds, ENCODERS[cfg.encoder], encoder_kwargs(cfg), cfg, "embed")
+        cfg, examples = self.section, EXAMPLES.path(self.run_dir)
+        n_in = pq.ParquetFile(examples).metadata.num_rows
+        init_ray(self.cfg.ray)
+        resolve_model(cfg.model, "embed.model")  # build an offline alias once, on the driver's node
+        ds = read_examples(str(examples), list(TEXT_COLUMNS), cfg.batch_size)
+        batches = map_with_actors(ds, ENCODERS[cfg.encoder], encoder_kwargs(cfg), cfg, "embed")
         t0 = time.time()
-        tmp = run.tmp_path(EMBEDDINGS)
+        n_out, d = self._write(batches.iter_batches(batch_size=None, batch_format="numpy"),
+                               out.path(EMBEDDINGS))
+        if n_out != n_in:
+            raise InputError(f"embed: {n_in} examples in but {n_out} embeddings out")
+        secs = max(time.time() - t0, 1e-9)
+        out.counts = {"in": n_in, "out": n_out, "rejected": 0}
+        out.extra = {"dim": d, "rows_per_s": round(n_out / secs, 1), "normalized": cfg.normalize}
+        log.info("embed: %d examples -> %d x %d embeddings in %.1f s (%.0f/s)", n_in, n_out, d,
+                 secs, n_out / secs)
+
+    def _write(self, batches, path: Path) -> tuple[int, int]:
+        """Stream the encoder's batches into ``path``; returns (rows, width)."""
+        cfg = self.section
         writer, n_out, d = None, 0, 0
-        for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-            emb = np.asarray(batch["embedding"], dtype=np.float32)
-            if not np.isfinite(emb).all():
-                raise InputError("embed: the encoder produced NaN/inf values")
-            if cfg.normalize and not np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-3):
-                raise InputError("embed: normalize is on but the encoder returned non-unit rows")
+        for batch in batches:
+            emb = _checked(np.asarray(batch["embedding"], dtype=np.float32), cfg.normalize)
             if writer is None:
                 d = emb.shape[1]
-                meta = {"mixray.encoder": cfg.encoder, "mixray.model": cfg.model,
-                        "mixray.text": cfg.text, "mixray.dim": str(d),
-                        "mixray.normalized": str(cfg.normalize).lower()}
-                schema = pa.schema([("id", pa.string()),
-                                    ("embedding", pa.list_(pa.float32(), d))], metadata=meta)
-                writer = pq.ParquetWriter(tmp, schema, compression="zstd")
+                schema = embedding_schema(d, {
+                    "mixray.encoder": cfg.encoder, "mixray.model": cfg.model, "mixray.text": cfg.text,
+                    "mixray.dim": str(d), "mixray.normalized": str(cfg.normalize).lower()})
+                writer = pq.ParquetWriter(path, schema, compression="zstd")
             writer.write_table(pa.table({"id": pa.array(batch["id"].tolist(), pa.string()),
                                          "embedding": embedding_array(emb)}, schema=schema))
             n_out += len(emb)
         if writer is None:
-            raise InputError(f"embed: {examples} has no rows")
+            raise InputError(f"embed: {EXAMPLES.path(self.run_dir)} has no rows")
         writer.close()
-        if n_out != n_in:
-            raise InputError(f"embed: {n_in} examples in but {n_out} embeddings out")
-        secs = time.time() - t0
-        run.counts = {"in": n_in, "out": n_out, "rejected": 0}
-        run.extra = {"dim": d, "rows_per_s": round(n_out / max(secs, 1e-9), 1),
-                     "normalized": cfg.normalize}
-        log.info("embed: %d examples -> %d x %d embeddings in %.1f s (%.0f/s)", n_in, n_out, d,
-                 secs, n_out / max(secs, 1e-9))
-    return read_manifest(stage_dir) | {"skipped": False}
-
-
-def stage(cfg: RunConfig, run_dir: Path, force: bool = False) -> dict:
-    """The ``embed`` stage of ``mixray run`` (see ``mixray.stages.STAGES``)."""
-    return run_embed(cfg.embed, cfg.ray, run_dir, force=force)
+        return n_out, d

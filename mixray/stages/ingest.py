@@ -22,42 +22,40 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mixray.config import IngestConfig, RunConfig, SourceConfig, section_hash
+from mixray.config import IngestConfig, SourceConfig
+from mixray.contracts import DUPLICATES, EXAMPLES, REJECTS
 from mixray.errors import InputError
 from mixray.io.readers import read_source, resolve_path
-from mixray.io.rundir import file_sha256, fingerprint, is_complete, read_manifest, stage_run
-from mixray.schema import (
-    EXAMPLE_SCHEMA,
-    REJECT_SCHEMA,
-    Rejected,
-    RejectReason,
-    derived_id,
-    map_record,
-)
+from mixray.io.rundir import file_sha256
+from mixray.schema import Rejected, RejectReason, derived_id, map_record
+from mixray.stages.runner import Outputs, Stage
 
 log = logging.getLogger("mixray.ingest")
 
-STAGE = "ingest"
-EXAMPLES = "examples.parquet"
-REJECTS = "rejects.parquet"
-DUPLICATES = "duplicates.parquet"
 _FLUSH = 8192
 
 
-def source_paths(cfg: IngestConfig) -> dict[str, Path]:
-    """Resolve every source path; raise one error naming every missing one."""
-    paths, missing = {}, []
+def source_problems(cfg: IngestConfig) -> tuple[dict[str, Path], list[str]]:
+    """Resolve every source path: (paths of the usable ones, one problem per unusable one)."""
+    paths, problems = {}, []
     for src in cfg.sources:
         try:
             p = resolve_path(src.path)
         except InputError as e:
-            missing.append(f"ingest.sources[{src.name}]: {e}")
+            problems.append(f"ingest.sources[{src.name}].path: {e}")
             continue
         if not p.exists():
-            missing.append(f"ingest.sources[{src.name}].path: {src.path} does not exist")
+            problems.append(f"ingest.sources[{src.name}].path: {src.path} does not exist")
+            continue
         paths[src.name] = p
-    if missing:
-        raise InputError("\n".join(missing))
+    return paths, problems
+
+
+def source_paths(cfg: IngestConfig) -> dict[str, Path]:
+    """Resolve every source path; raise one error naming every missing one."""
+    paths, problems = source_problems(cfg)
+    if problems:
+        raise InputError("; ".join(problems))
     return paths
 
 
@@ -166,45 +164,41 @@ def _raw(value: Any) -> str:
     return text[:2000].encode("utf-8", "replace").decode("utf-8")
 
 
-def run_ingest(cfg: IngestConfig, run_dir: Path, force: bool = False) -> dict[str, Any]:
-    """Run (or skip) the ingest stage. Returns the stage manifest."""
-    stage_dir = run_dir / STAGE
-    paths = source_paths(cfg)
-    input_hashes = {name: file_sha256(p) for name, p in paths.items()}
-    config_hash = section_hash(cfg)
-    fp = fingerprint(config_hash, input_hashes)
-    if not force and is_complete(stage_dir, fp):
-        m = read_manifest(stage_dir)
-        log.info("ingest: inputs and config unchanged, skipped (%s examples)", m["counts"]["kept"])
-        return m | {"skipped": True}
+class Ingest(Stage):
+    """``ingest``: every source -> examples.parquet + rejects.parquet + duplicates.parquet."""
 
-    with stage_run(stage_dir, config_hash, input_hashes) as run:
-        ex_w = _Writer(run.tmp_path(EXAMPLES), EXAMPLE_SCHEMA)
-        rj_w = _Writer(run.tmp_path(REJECTS), REJECT_SCHEMA)
-        dup_w = _Writer(run.tmp_path(DUPLICATES), pa.schema([("id", pa.string()), ("duplicate_of", pa.string())]))
+    name = "ingest"
+    outputs = (EXAMPLES, REJECTS, DUPLICATES)
+    summary = "{kept} examples"
+
+    def check(self) -> None:
+        self.paths = source_paths(self.section)
+
+    def input_hashes(self) -> dict[str, str]:
+        return {name: file_sha256(p) for name, p in self.paths.items()}
+
+    def run(self, out: Outputs) -> None:
+        cfg = self.section
+        writers = (_Writer(out.path(EXAMPLES), EXAMPLES.schema), _Writer(out.path(REJECTS), REJECTS.schema),
+                   _Writer(out.path(DUPLICATES), DUPLICATES.schema))
         seen: dict[str, str] = {}
         occurrences: Counter = Counter()
         per_source = {}
         try:
             for src in cfg.sources:
-                c = _ingest_source(src, paths[src.name], ex_w, rj_w, dup_w, seen, occurrences,
+                c = _ingest_source(src, self.paths[src.name], *writers, seen, occurrences,
                                    cfg.drop_duplicates)
                 per_source[src.name] = c
                 log.info("ingest: %-14s in=%d = kept %d + rejected %d %s", src.name, c["in"],
                          c["kept"], c["rejected"], c["reasons"] or "")
         finally:
-            for w in (ex_w, rj_w, dup_w):
+            for w in writers:
                 w.close()
         total = {k: sum(c[k] for c in per_source.values()) for k in ("in", "kept", "rejected")}
         if total["kept"] == 0:
             raise InputError("ingest: no usable example in any source (see the reasons above)")
-        run.counts = total | {"duplicates": dup_w.n, "sources": per_source}
+        n_dup = writers[2].n
+        out.counts = total | {"duplicates": n_dup, "sources": per_source}
         log.info("ingest: total in=%d = kept %d + rejected %d; %d exact duplicate(s)%s",
-                 total["in"], total["kept"], total["rejected"], dup_w.n,
+                 total["in"], total["kept"], total["rejected"], n_dup,
                  " dropped" if cfg.drop_duplicates else " kept (ingest.drop_duplicates: false)")
-    return read_manifest(stage_dir) | {"skipped": False}
-
-
-def stage(cfg: RunConfig, run_dir: Path, force: bool = False) -> dict:
-    """The ``ingest`` stage of ``mixray run`` (see ``mixray.stages.STAGES``)."""
-    return run_ingest(cfg.ingest, run_dir, force=force)

@@ -23,51 +23,24 @@ The manifest adds the mixes per task pair, a λ histogram and the bucket gaps.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mixray.algorithms.mdit import MixPlan, plan_mixes
-from mixray.config import MixConfig, RunConfig, section_hash
+from mixray.contracts import EXAMPLES, MIX_PLAN, MIX_SCHEMA, mix_id, pair_name
 from mixray.errors import InputError
-from mixray.io.rundir import (
-    fingerprint,
-    is_complete,
-    output_hash,
-    read_manifest,
-    stage_run,
-    write_table,
-)
+from mixray.io.rundir import write_table
 from mixray.models.registry import check_model, resolve_model
 from mixray.models.text import instruction_text
-from mixray.stages.ingest import EXAMPLES
-from mixray.stages.ingest import STAGE as INGEST
+from mixray.stages.runner import Outputs, Stage
 
 log = logging.getLogger("mixray.mix")
 
-STAGE = "mix"
-MIX_PLAN = "mix_plan.parquet"
-MIX_SCHEMA = pa.schema([
-    ("mix_id", pa.string()), ("a_id", pa.string()), ("b_id", pa.string()),
-    ("task_a", pa.string()), ("task_b", pa.string()), ("lam", pa.float64()),
-    ("round", pa.int64()), ("len_a", pa.int64()), ("len_b", pa.int64()),
-    ("bucket_a", pa.int64()), ("bucket_b", pa.int64()),
-])
 _TOKENIZE_BATCH = 4096
-
-
-def pair_name(task_a: str, task_b: str) -> str:
-    return f"{task_a}×{task_b}"
-
-
-def mix_id(a_id: str, b_id: str) -> str:
-    """``mix:<16 hex of sha256(a_id, b_id)>``; ``:`` never occurs in an example id's source part."""
-    return "mix:" + hashlib.sha256(f"{a_id}\x1f{b_id}".encode()).hexdigest()[:16]
 
 
 def input_lengths(model: str, instructions: list[str], inputs: list[str]) -> np.ndarray:
@@ -116,50 +89,46 @@ def plan_summary(plan: MixPlan, tasks: np.ndarray) -> dict:
     }
 
 
-def run_mix(cfg: MixConfig, run_dir: Path, seed: int = 0, force: bool = False) -> dict:
-    stage_dir = run_dir / STAGE
-    examples = run_dir / INGEST / EXAMPLES
-    input_hashes = {"examples": output_hash(run_dir / INGEST, EXAMPLES)}
-    check_model(cfg.model, "mix.model")
-    config_hash = section_hash(cfg.model_dump(mode="json") | {"seed": seed})
-    if not force and is_complete(stage_dir, fingerprint(config_hash, input_hashes)):
-        m = read_manifest(stage_dir)
-        log.info("mix: examples and config unchanged, skipped (%d mixes)", m["counts"]["mixes"])
-        return m | {"skipped": True}
+class Mix(Stage):
+    """``mix``: examples -> MDIT's mix plan (cross-task pairs of similar input length, λ)."""
 
-    t0 = time.time()
-    t = pq.read_table(examples, columns=["id", "task", "instruction", "input"])
-    ids = np.asarray(t.column("id").to_pylist(), dtype=object)
-    tasks = np.asarray(t.column("task").to_pylist(), dtype=object)
-    lengths = input_lengths(resolve_model(cfg.model, "mix.model"), t.column("instruction").to_pylist(),
-                            t.column("input").to_pylist())
-    try:
-        plan = plan_mixes(tasks, lengths, pairs=cfg.pairs, alpha=cfg.alpha,
-                          mixes_per_pair=cfg.mixes_per_pair, bucket_width=cfg.bucket_width,
-                          max_length=cfg.max_length, max_bucket_gap=cfg.max_bucket_gap, seed=seed)
-    except ValueError as e:
-        raise InputError(f"mix: {e} (settings: mix.pairs, mix.alpha, mix.max_length, ...; "
-                         f"data: {examples})") from None
-    with stage_run(stage_dir, config_hash, input_hashes) as run:
+    name = "mix"
+    requires = (EXAMPLES,)
+    outputs = (MIX_PLAN,)
+    summary = "{mixes} mixes"
+    seeded = True
+
+    def check(self) -> None:
+        check_model(self.section.model, "mix.model")
+
+    def run(self, out: Outputs) -> None:
+        cfg, examples = self.section, EXAMPLES.path(self.run_dir)
+        t0 = time.time()
+        t = pq.read_table(examples, columns=["id", "task", "instruction", "input"])
+        ids = np.asarray(t.column("id").to_pylist(), dtype=object)
+        tasks = np.asarray(t.column("task").to_pylist(), dtype=object)
+        lengths = input_lengths(resolve_model(cfg.model, "mix.model"),
+                                t.column("instruction").to_pylist(), t.column("input").to_pylist())
+        try:
+            plan = plan_mixes(tasks, lengths, pairs=cfg.pairs, alpha=cfg.alpha,
+                              mixes_per_pair=cfg.mixes_per_pair, bucket_width=cfg.bucket_width,
+                              max_length=cfg.max_length, max_bucket_gap=cfg.max_bucket_gap,
+                              seed=self.cfg.seed)
+        except ValueError as e:
+            raise InputError(f"mix: {e} (settings: mix.pairs, mix.alpha, mix.max_length, ...)",
+                             where=str(examples)) from None
         table = plan_table(plan, ids, tasks, lengths)
         if len(set(table.column("mix_id").to_pylist())) != len(table):
             raise InputError("mix: two mixes got the same mix_id (duplicate example ids?)")
-        write_table(table, run.tmp_path(MIX_PLAN))
-        run.counts = {"examples": len(ids), "mixes": len(plan)}
-        run.extra = plan_summary(plan, tasks) | {
+        write_table(table, out.path(MIX_PLAN))
+        out.counts = {"examples": len(ids), "mixes": len(plan)}
+        out.extra = plan_summary(plan, tasks) | {
             "tokenizer": cfg.model,
             "input_length": {"min": int(lengths.min()), "median": float(np.median(lengths)),
-                             "max": int(lengths.max())},
-        }
+                             "max": int(lengths.max())}}
         if not len(plan):
             log.warning("mix: no pairs could be formed (mix.max_bucket_gap=%s too small?)",
                         cfg.max_bucket_gap)
         log.info("mix: %d examples -> %d mixes over %d task pair(s) in %.1f s: %s", len(ids), len(plan),
                  len(plan.pairs), time.time() - t0,
-                 ", ".join(f"{k} {v['mixes']}" for k, v in run.extra["pairs"].items()))
-    return read_manifest(stage_dir) | {"skipped": False}
-
-
-def stage(cfg: RunConfig, run_dir: Path, force: bool = False) -> dict:
-    """The ``mix`` stage of ``mixray run`` (see ``mixray.stages.STAGES``)."""
-    return run_mix(cfg.mix, run_dir, seed=cfg.seed, force=force)
+                 ", ".join(f"{k} {v['mixes']}" for k, v in out.extra["pairs"].items()))

@@ -26,27 +26,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mixray.config import RayConfig, RunConfig, ScoreConfig, section_hash
+from mixray.config import RayConfig, ScoreConfig
+from mixray.contracts import EXAMPLES, QUALITY, SCORE_REJECT_SCHEMA, SCORE_REJECTS
 from mixray.errors import ConfigError, InputError
-from mixray.io.rundir import (
-    fingerprint,
-    is_complete,
-    output_hash,
-    read_manifest,
-    stage_run,
-    write_table,
-)
+from mixray.io.rundir import write_table
 from mixray.models.registry import check_model
-from mixray.stages.embed import TEXT_COLUMNS
-from mixray.stages.ingest import EXAMPLES
-from mixray.stages.ingest import STAGE as INGEST
+from mixray.models.text import TEXT_COLUMNS
+from mixray.stages.runner import Outputs, Stage
 
 log = logging.getLogger("mixray.score")
-
-STAGE = "score"
-QUALITY = "quality.parquet"
-REJECTS = "rejects.parquet"
-REJECT_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string())])
 
 
 def _check_reward_model(cfg: ScoreConfig) -> None:
@@ -89,9 +77,11 @@ def _model_scores(cfg: ScoreConfig, ray_cfg: RayConfig, examples: Path, seed: in
     if cfg.sample is not None:
         n = pq.ParquetFile(examples).metadata.num_rows
         rows = np.sort(np.random.default_rng(seed).choice(n, min(cfg.sample, n), replace=False))
-    ds = read_examples(str(examples), TEXT_COLUMNS, cfg.batch_size, rows=rows)
-    kwargs = {"model_path": cfg.model, "max_length": cfg.max_length, "label_index": cfg.label_index,
+    ds = read_examples(str(examples), list(TEXT_COLUMNS), cfg.batch_size, rows=rows)
+    kwargs = {"model_path": cfg.model, "max_length": cfg.max_length,
               "trust_remote_code": cfg.trust_remote_code}
+    if cfg.backend == "reward-model":
+        kwargs["label_index"] = cfg.label_index
     out = map_with_actors(ds, SCORERS[cfg.backend], kwargs, cfg, "score")
     parts = []
     for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
@@ -103,50 +93,50 @@ def _model_scores(cfg: ScoreConfig, ray_cfg: RayConfig, examples: Path, seed: in
     return pa.concat_tables(parts)
 
 
-def run_score(cfg: ScoreConfig, ray_cfg: RayConfig, run_dir: Path, seed: int = 0,
-              force: bool = False) -> dict:
-    stage_dir = run_dir / STAGE
-    examples = run_dir / INGEST / EXAMPLES
-    input_hashes = {"examples": output_hash(run_dir / INGEST, EXAMPLES)}
-    if cfg.backend != "column":
-        check_model(cfg.model, "score.model")
-        if cfg.backend == "reward-model":
-            _check_reward_model(cfg)
-    config_hash = section_hash(cfg.model_dump() | {"seed": seed})
-    if not force and is_complete(stage_dir, fingerprint(config_hash, input_hashes)):
-        m = read_manifest(stage_dir)
-        log.info("score: examples and config unchanged, skipped (%d scored)", m["counts"]["scored"])
-        return m | {"skipped": True}
+def _split_defined(table: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """(rows with a finite score, rejects: id + reason for the others)."""
+    bad = pc.fill_null(pc.or_kleene(pc.is_null(table["score"]), pc.invert(pc.is_finite(table["score"]))),
+                       True)
+    rejected = table.filter(bad)
+    reasons = ["score is null (no value in the column)" if r is None else f"score is not finite ({r})"
+               for r in rejected.column("raw").to_pylist()]
+    rejects = pa.table({"id": rejected["id"], "reason": pa.array(reasons, pa.string())},
+                       schema=SCORE_REJECT_SCHEMA)
+    return table.filter(pc.invert(bad)), rejects
 
-    t0 = time.time()
-    with stage_run(stage_dir, config_hash, input_hashes) as run:
+
+class Score(Stage):
+    """``score``: examples -> quality (+ rejects), by a model over Ray Data or a column."""
+
+    name = "score"
+    requires = (EXAMPLES,)
+    outputs = (QUALITY, SCORE_REJECTS)
+    summary = "{scored} scored"
+    seeded = True
+    memory_knobs = ("concurrency", "batch_size", "max_length", "num_cpus")
+
+    def check(self) -> None:
+        cfg = self.section
+        if cfg.backend != "column":
+            check_model(cfg.model, "score.model")
+            if cfg.backend == "reward-model":
+                _check_reward_model(cfg)
+
+    def run(self, out: Outputs) -> None:
+        cfg, examples = self.section, EXAMPLES.path(self.run_dir)
+        t0 = time.time()
         if cfg.backend == "column":
             table = _column_scores(cfg, examples)
         else:
-            table = _model_scores(cfg, ray_cfg, examples, seed)
-        n_in = len(table)
-        bad = pc.or_kleene(pc.is_null(table["score"]), pc.invert(pc.is_finite(table["score"])))
-        bad = pc.fill_null(bad, True)
-        rejected = table.filter(bad)
-        reasons = [
-            "score is null (no value in the column)" if r is None else f"score is not finite ({r})"
-            for r in rejected.column("raw").to_pylist()
-        ]
-        write_table(pa.table({"id": rejected["id"], "reason": pa.array(reasons, pa.string())},
-                             schema=REJECT_SCHEMA), run.tmp_path(REJECTS))
-        kept = table.filter(pc.invert(bad))
+            table = _model_scores(cfg, self.cfg.ray, examples, self.cfg.seed)
+        kept, rejects = _split_defined(table)
+        write_table(rejects, out.path(SCORE_REJECTS))
         kept = kept.append_column("backend", pa.array([cfg.backend] * len(kept), pa.string()))
-        write_table(kept, run.tmp_path(QUALITY))
-        run.counts = {"in": n_in, "scored": len(kept), "rejected": len(rejected)}
+        write_table(kept, out.path(QUALITY))
+        out.counts = {"in": len(table), "scored": len(kept), "rejected": len(rejects)}
         scores = kept.column("score").to_numpy()
-        run.extra = {"backend": cfg.backend, "proxy": cfg.backend == "ifd",
+        out.extra = {"backend": cfg.backend, "proxy": cfg.backend == "ifd",
                      "score_mean": float(scores.mean()) if len(scores) else None}
-        log.info("score[%s]: in=%d = scored %d + rejected %d in %.1f s%s", cfg.backend, n_in,
-                 len(kept), len(rejected), time.time() - t0,
+        log.info("score[%s]: in=%d = scored %d + rejected %d in %.1f s%s", cfg.backend, len(table),
+                 len(kept), len(rejects), time.time() - t0,
                  " (IFD is a model-based proxy, not a reward model)" if cfg.backend == "ifd" else "")
-    return read_manifest(stage_dir) | {"skipped": False}
-
-
-def stage(cfg: RunConfig, run_dir: Path, force: bool = False) -> dict:
-    """The ``score`` stage of ``mixray run`` (see ``mixray.stages.STAGES``)."""
-    return run_score(cfg.score, cfg.ray, run_dir, seed=cfg.seed, force=force)

@@ -38,38 +38,31 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mixray.config import RayConfig, RunConfig, SelectConfig, section_hash
-from mixray.errors import ConfigError, InputError
-from mixray.io.rundir import (
-    fingerprint,
-    is_complete,
-    output_hash,
-    read_manifest,
-    stage_run,
-    write_table,
+from mixray.config import SelectConfig
+from mixray.contracts import (
+    EMBEDDINGS,
+    EXAMPLES,
+    QUALITY,
+    SELECTED,
+    SELECTION,
+    SELECTION_SCHEMA,
+    SWEEP_PLOT,
+    SWEEP_SELECTION,
+    SWEEP_TABLE,
 )
-from mixray.stages.embed import EMBEDDINGS, read_embeddings
-from mixray.stages.embed import STAGE as EMBED
-from mixray.stages.ingest import EXAMPLES
-from mixray.stages.ingest import STAGE as INGEST
-from mixray.stages.score import QUALITY
-from mixray.stages.score import STAGE as SCORE
+from mixray.errors import ConfigError, InputError
+from mixray.io.embeddings import read_embeddings
+from mixray.io.rundir import write_table
+from mixray.stages.runner import Outputs, Stage
 
 log = logging.getLogger("mixray.select")
 
-STAGE = "select"
-SELECTION = "selection.parquet"
-SELECTED = "selected.jsonl"
-SWEEP_TABLE = "alpha_sweep.csv"
-SWEEP_PLOT = "alpha_sweep.png"
 CHECKPOINTS = "checkpoints"
-SELECTION_SCHEMA = pa.schema([("id", pa.string()), ("rank", pa.int64()), ("gain", pa.float64()),
-                              ("score", pa.float64()), ("quality", pa.float64())])
 
 
 def sweep_name(alpha: float) -> str:
     """``selection_alpha0.7.parquet`` (shortest float repr: 0.0, 0.5, 1.0, 0.75)."""
-    return f"selection_alpha{float(alpha)!r}.parquet"
+    return SWEEP_SELECTION.filename(alpha=repr(float(alpha)))
 
 
 def _preview(ids) -> str:
@@ -83,8 +76,8 @@ def read_pool(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     The pool is the embeddings' order. Raises InputError naming the ids that are
     in one file but not the other, or duplicated.
     """
-    emb_path = run_dir / EMBED / EMBEDDINGS
-    q_path = run_dir / SCORE / QUALITY
+    emb_path = EMBEDDINGS.path(run_dir)
+    q_path = QUALITY.path(run_dir)
     ids, x, _ = read_embeddings(emb_path)
     qt = pq.read_table(q_path, columns=["id", "score"])
     q_ids = np.asarray(qt.column("id").to_pylist(), dtype=object)
@@ -198,7 +191,7 @@ def select_one(cfg: SelectConfig, alpha: float, x: np.ndarray, q: np.ndarray, se
         if greedy and cfg.distributed == "sharded":
             from mixray.distributed.selection import sharded_select
 
-            sharded_select(sel, x, q, cfg.actors, initial_state=state, num_gpus=cfg.num_gpus,
+            sharded_select(sel, x, q, cfg.concurrency, initial_state=state, num_gpus=cfg.num_gpus,
                            num_cpus=cfg.num_cpus, threads=cfg.threads)
         else:
             sel.fit(x, q, initial_state=state)
@@ -292,73 +285,82 @@ def write_sweep(rows: list[dict], table: Path, plot: Path, k: int) -> None:
     plt.close(fig)
 
 
-def run_select(cfg: SelectConfig, ray_cfg: RayConfig, run_dir: Path, seed: int = 0,
-               force: bool = False) -> dict:
-    stage_dir = run_dir / STAGE
-    input_hashes = {"embeddings": output_hash(run_dir / EMBED, EMBEDDINGS),
-                    "quality": output_hash(run_dir / SCORE, QUALITY),
-                    "examples": output_hash(run_dir / INGEST, EXAMPLES)}
-    seed = cfg.seed if cfg.seed is not None else seed
-    config_hash = section_hash(cfg.model_dump(mode="json") | {"seed": seed})
-    fp = fingerprint(config_hash, input_hashes)
-    if not force and is_complete(stage_dir, fp):
-        m = read_manifest(stage_dir)
-        log.info("select: inputs and config unchanged, skipped (%d selected)", m["counts"]["selected"])
-        return m | {"skipped": True}
-    if force:
-        shutil.rmtree(stage_dir / CHECKPOINTS, ignore_errors=True)
+def _sweep_rows(summaries: list[dict], x: np.ndarray, q: np.ndarray, cfg: SelectConfig,
+                seed: int) -> list[dict]:
+    """The alpha sweep table: one row per alpha, plus a seeded random selection of the same K."""
+    from mixray.algorithms.qdit import evaluate_ranking, select_random
 
-    ids, x, q_raw = read_pool(run_dir)
-    n = len(ids)
-    if cfg.k > n:
-        raise ConfigError(f"select.k={cfg.k} is larger than the pool ({n} examples with embeddings "
-                          "and quality); allowed: 1 <= k <= pool size")
-    from mixray.algorithms.qdit import evaluate_ranking, minmax, select_random
-
-    q = minmax(q_raw)
-    if cfg.distributed != "none" and cfg.method == "qdit":
-        from mixray.distributed.runtime import init_ray
-
-        init_ray(ray_cfg)
-    alphas = cfg.alphas
-    log.info("select[%s/%s]: N=%d, d=%d, K=%d, alpha=%s, distributed=%s", cfg.method, cfg.optimizer,
-             n, x.shape[1], cfg.k, alphas, cfg.distributed)
-    with stage_run(stage_dir, config_hash, input_hashes) as run:
-        summaries = []
-        main = None
-        for i, alpha in enumerate(alphas):
-            res = select_one(cfg, alpha, x, q, seed, _ckpt_path(stage_dir, alpha), fp)
-            s = res["summary"]
-            summaries.append(s)
-            log.info("select[alpha=%s]: objective %.6f, diversity %.6f, mean quality %.4f, %.1f s",
-                     alpha, s["objective"], s["diversity"], s["quality_mean"], s["time_s"])
-            meta = {"alpha": alpha, "method": cfg.method, "optimizer": cfg.optimizer,
-                    "objective": s["objective"], "diversity": s["diversity"],
-                    "quality_mean": s["quality_mean"]}
-            table = selection_table(ids, q, res, meta)
-            if len(alphas) > 1:
-                write_table(table, run.tmp_path(sweep_name(alpha)))
-            if i == 0:
-                main = res
-                write_table(table, run.tmp_path(SELECTION))
-        n_sel = write_selected_jsonl(run_dir / INGEST / EXAMPLES,
-                                     ids[main["ranking"]].tolist(), run.tmp_path(SELECTED))
-        if len(alphas) > 1:
-            rnd = evaluate_ranking(x, select_random(n, cfg.k, seed), q, 0.0,
-                                   normalize_quality=False, device=cfg.device)
-            rows = [{"alpha": s["alpha"], "objective": s["objective"], "diversity": s["diversity"],
-                     "quality_mean": s["quality_mean"], "time_s": s["time_s"]} for s in summaries]
-            rows.append({"alpha": None, "objective": float("nan"), "diversity": rnd.diversity,
-                         "quality_mean": rnd.quality_mean, "time_s": 0.0})
-            write_sweep(rows, run.tmp_path(SWEEP_TABLE), run.tmp_path(SWEEP_PLOT), cfg.k)
-        run.counts = {"pool": n, "selected": n_sel}
-        run.extra = {"method": cfg.method, "optimizer": cfg.optimizer,
-                     "distributed": cfg.distributed, "alpha_main": alphas[0],
-                     "summary": summaries}
-    shutil.rmtree(stage_dir / CHECKPOINTS, ignore_errors=True)
-    return read_manifest(stage_dir) | {"skipped": False}
+    rnd = evaluate_ranking(x, select_random(len(x), cfg.k, seed), q, 0.0, normalize_quality=False,
+                           device=cfg.device)
+    rows = [{c: s[c] for c in ("alpha", "objective", "diversity", "quality_mean", "time_s")}
+            for s in summaries]
+    rows.append({"alpha": None, "objective": float("nan"), "diversity": rnd.diversity,
+                 "quality_mean": rnd.quality_mean, "time_s": 0.0})
+    return rows
 
 
-def stage(cfg: RunConfig, run_dir: Path, force: bool = False) -> dict:
-    """The ``select`` stage of ``mixray run`` (see ``mixray.stages.STAGES``)."""
-    return run_select(cfg.select, cfg.ray, run_dir, seed=cfg.seed, force=force)
+class Select(Stage):
+    """``select``: embeddings + quality -> QDIT selection(s), resumable from checkpoints."""
+
+    name = "select"
+    requires = (EMBEDDINGS, QUALITY, EXAMPLES)
+    outputs = (SELECTION, SWEEP_SELECTION, SELECTED, SWEEP_TABLE, SWEEP_PLOT)
+    summary = "{selected} selected"
+    seeded = True
+    memory_knobs = ("memory_budget_mb", "concurrency")
+
+    @property
+    def seed(self) -> int:
+        return self.section.seed if self.section.seed is not None else self.cfg.seed
+
+    def config(self) -> dict:
+        return self.section.model_dump(mode="json") | {"seed": self.seed}
+
+    def reset(self) -> None:
+        shutil.rmtree(self.stage_dir / CHECKPOINTS, ignore_errors=True)
+
+    finished = reset  # checkpoints only serve a resume
+
+    def run(self, out: Outputs) -> None:
+        from mixray.algorithms.qdit import minmax
+
+        cfg, seed = self.section, self.seed
+        fp = self.fingerprint  # checkpoints of another config or input are ignored
+        ids, x, q_raw = read_pool(self.run_dir)
+        if cfg.k > len(ids):
+            raise ConfigError(f"select.k={cfg.k} is larger than the pool ({len(ids)} examples with "
+                              "embeddings and quality); allowed: 1 <= k <= pool size", where="select.k")
+        q = minmax(q_raw)
+        if cfg.distributed != "none" and cfg.method == "qdit":
+            from mixray.distributed.runtime import init_ray
+
+            init_ray(self.cfg.ray)
+        log.info("select[%s/%s]: N=%d, d=%d, K=%d, alpha=%s, distributed=%s", cfg.method,
+                 cfg.optimizer, len(ids), x.shape[1], cfg.k, cfg.alphas, cfg.distributed)
+        summaries, main = [], None
+        for alpha in cfg.alphas:
+            res = select_one(cfg, alpha, x, q, seed, _ckpt_path(self.stage_dir, alpha), fp)
+            summaries.append(self._write_selection(out, ids, q, res, alpha))
+            main = main or res
+        n_sel = write_selected_jsonl(EXAMPLES.path(self.run_dir), ids[main["ranking"]].tolist(),
+                                     out.path(SELECTED))
+        if len(cfg.alphas) > 1:
+            write_sweep(_sweep_rows(summaries, x, q, cfg, seed), out.path(SWEEP_TABLE),
+                        out.path(SWEEP_PLOT), cfg.k)
+        out.counts = {"pool": len(ids), "selected": n_sel}
+        out.extra = {"method": cfg.method, "optimizer": cfg.optimizer, "distributed": cfg.distributed,
+                     "alpha_main": cfg.alphas[0], "summary": summaries}
+
+    def _write_selection(self, out: Outputs, ids, q, res: dict, alpha: float) -> dict:
+        cfg, s = self.section, res["summary"]
+        log.info("select[alpha=%s]: objective %.6f, diversity %.6f, mean quality %.4f, %.1f s",
+                 alpha, s["objective"], s["diversity"], s["quality_mean"], s["time_s"])
+        meta = {"alpha": alpha, "method": cfg.method, "optimizer": cfg.optimizer,
+                "objective": s["objective"], "diversity": s["diversity"],
+                "quality_mean": s["quality_mean"]}
+        table = selection_table(ids, q, res, meta)
+        if len(cfg.alphas) > 1:
+            write_table(table, out.path(SWEEP_SELECTION, alpha=repr(float(alpha))))
+        if alpha == cfg.alphas[0]:
+            write_table(table, out.path(SELECTION))
+        return s

@@ -46,48 +46,43 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mixray.config import RayConfig, RunConfig, TrainConfig, section_hash
-from mixray.errors import ConfigError, InputError
-from mixray.io.rundir import (
-    file_sha256,
-    fingerprint,
-    is_complete,
-    output_hash,
-    read_manifest,
-    stage_run,
-    write_table,
+from mixray.config import RayConfig, TrainConfig, section_hash
+from mixray.contracts import (
+    CONFIDENCE,
+    EXAMPLES,
+    MIX_PLAN,
+    SELECTIONS,
+    TRAIN_MERGED,
+    TRAIN_METRICS,
+    TRAIN_MODEL,
+    TRAIN_PLOT,
+    TRAIN_ROWS,
 )
+from mixray.errors import ConfigError, InputError
+from mixray.io.rundir import file_sha256, fingerprint, output_hash, read_manifest, write_table
 from mixray.models.registry import check_model
-from mixray.stages.ingest import EXAMPLES
-from mixray.stages.ingest import STAGE as INGEST
+from mixray.stages.runner import Outputs, Stage
 
 log = logging.getLogger("mixray.train")
 
-STAGE = "train"
-MODEL, MERGED, METRICS, PLOT, ROWS = "model", "merged", "metrics.csv", "loss.png", "rows.parquet"
-SELECTION = "selection.parquet"
-MIX_PLAN = "mix_plan.parquet"
-CONFIDENCE = "confidence.parquet"
-# Upstream stages that can feed training, latest first (what data: auto picks).
-_SELECTIONS = (("cluster", "cluster"), ("select", "select"))
 _TEXT = ("instruction", "input", "output")
 _GROUP_NAMES = {"confident": True, "unconfident": False}
 
 
 # ----------------------------------------------------------------------------- inputs
 
-def _complete_output(stage_dir: Path, name: str) -> bool:
-    m = read_manifest(stage_dir)
-    return m is not None and name in m.get("outputs", {}) and (stage_dir / name).exists()
+def _complete_output(run_dir: Path, artifact) -> bool:
+    m = read_manifest(run_dir / artifact.stage)
+    return m is not None and artifact.name in m.get("outputs", {}) and artifact.path(run_dir).exists()
 
 
 def resolve_data_source(cfg: TrainConfig, run_dir: Path) -> str:
     """``train.data`` -> all | select | cluster (``auto``: the latest selection present)."""
     if cfg.data != "auto":
         return cfg.data
-    for stage, source in _SELECTIONS:
-        if _complete_output(run_dir / stage, SELECTION):
-            return source
+    for artifact in SELECTIONS:
+        if _complete_output(run_dir, artifact):
+            return artifact.stage
     return "all"
 
 
@@ -100,7 +95,7 @@ def _take_ids(examples: pa.Table, ids: list[str], where: str) -> pa.Table:
     index = {v: i for i, v in enumerate(examples.column("id").to_pylist())}
     missing = [i for i in ids if i not in index]
     if missing:
-        raise InputError(f"{where}: {len(missing)} id(s) are not in {INGEST}/{EXAMPLES}, "
+        raise InputError(f"{where}: {len(missing)} id(s) are not in {EXAMPLES.stage}/{EXAMPLES.name}, "
                          f"e.g. {missing[:3]}; re-run the stages after ingest")
     return examples.take(pa.array([index[i] for i in ids], pa.int64()))
 
@@ -136,27 +131,27 @@ def _mix_plan_path(cfg: TrainConfig, run_dir: Path) -> tuple[Path, str]:
         if not p.is_file():
             raise InputError(f"train.mdit.mix_plan: {p} not found")
         return p, file_sha256(p)
-    p = run_dir / "mix" / MIX_PLAN
-    if not _complete_output(run_dir / "mix", MIX_PLAN):
+    p = MIX_PLAN.path(run_dir)
+    if not _complete_output(run_dir, MIX_PLAN):
         raise InputError(f"train.loss=mdit needs a mix plan: {p} not found; run the mix stage "
                          "or set train.mdit.mix_plan")
-    return p, output_hash(run_dir / "mix", MIX_PLAN)
+    return p, output_hash(run_dir / MIX_PLAN.stage, MIX_PLAN.name)
 
 
 def _confidence_path(cfg: TrainConfig, run_dir: Path, example_columns: list[str]) -> tuple[str, Path | None]:
     spec = cfg.sftmix.confidence
     if spec is None:
-        p = run_dir / "dynamics" / CONFIDENCE
+        p = CONFIDENCE.path(run_dir)
         if not p.is_file():
             raise InputError(
                 "train.loss=sftmix needs a confident/unconfident split: set train.sftmix.confidence to a "
-                f"column of {EXAMPLES} or a parquet file (id + confidence, or id + split), or produce {p}")
+                f"column of {EXAMPLES.name} or a parquet file (id + confidence, or id + split), or produce {p}")
         return "file", p
     if spec in example_columns:
         return "column", None
     p = Path(spec).expanduser()
     if not p.is_file():
-        raise InputError(f"train.sftmix.confidence={spec!r} is neither a column of {EXAMPLES} "
+        raise InputError(f"train.sftmix.confidence={spec!r} is neither a column of {EXAMPLES.name} "
                          f"({example_columns}) nor an existing parquet file")
     return "file", p
 
@@ -191,7 +186,7 @@ def _sftmix_groups(cfg: TrainConfig, run_dir: Path, examples_path: Path, ids: li
         col = cfg.sftmix.confidence
         t = pq.read_table(examples_path, columns=["id", col])
         values_by_id = dict(zip(t.column("id").to_pylist(), t.column(col).to_pylist(), strict=True))
-        where, h = f"{EXAMPLES} column {col!r}", {}
+        where, h = f"{EXAMPLES.name} column {col!r}", {}
     else:
         t = pq.read_table(path)
         cols = t.column_names
@@ -215,17 +210,17 @@ def build_training_rows(cfg: TrainConfig, run_dir: Path) -> tuple[pa.Table, dict
     """
     from mixray.algorithms.sampling import UNPAIRED
 
-    examples_path = run_dir / INGEST / EXAMPLES
-    inputs = {"examples": output_hash(run_dir / INGEST, EXAMPLES)}
+    examples_path = EXAMPLES.path(run_dir)
+    inputs = {"examples": output_hash(run_dir / EXAMPLES.stage, EXAMPLES.name)}
     source = resolve_data_source(cfg, run_dir)
     examples = _read_examples(examples_path)
     mixes: dict[str, list] | None = None
     if source == "all":
         originals = examples
     else:
-        stage_dir = run_dir / source
-        sel_path = stage_dir / SELECTION
-        inputs["selection"] = output_hash(stage_dir, SELECTION)
+        artifact = next(a for a in SELECTIONS if a.stage == source)
+        sel_path = artifact.path(run_dir)
+        inputs["selection"] = output_hash(run_dir / source, artifact.name)
         sel = pq.read_table(sel_path)
         if "id" not in sel.column_names:
             raise InputError(f"{sel_path}: no id column (has {sel.column_names})")
@@ -371,7 +366,7 @@ def tokenize_rows(table: pa.Table, cfg: TrainConfig, model_path: str) -> pa.Tabl
         SFTEncoder, fn_constructor_kwargs={"model_path": model_path, "max_length": cfg.max_length,
                                            "trust_remote_code": cfg.trust_remote_code},
         batch_size=batch, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=cfg.tokenize_workers), num_cpus=1)
+        compute=ray.data.ActorPoolStrategy(size=cfg.tokenize_concurrency), num_cpus=1)
     parts = [ray.get(ref) for ref in ds.to_arrow_refs()]
     return pa.concat_tables(parts).sort_by("row")
 
@@ -530,67 +525,90 @@ def rank_datasets(tokens: pa.Table, num_workers: int, prefix: str = "train_") ->
             for r in range(num_workers)}
 
 
-def run_train(cfg: TrainConfig, ray_cfg: RayConfig, run_dir: Path, seed: int = 0, force: bool = False) -> dict:
-    """Train on the run directory's selection; see the module docstring for inputs and outputs."""
-    import ray
+class Train(Stage):
+    """``train``: the selection (+ mixes, + SFTMix split) -> a fine-tuned model on Ray Train."""
 
-    from mixray.distributed.train import fit
+    name = "train"
+    outputs = (TRAIN_MODEL, TRAIN_MERGED, TRAIN_METRICS, TRAIN_PLOT, TRAIN_ROWS)
+    summary = "{steps} steps"
+    seeded = True
+    memory_knobs = ("micro_batch_size", "max_length", "num_workers", "gradient_checkpointing")
 
-    run_dir = Path(run_dir).resolve()  # paths go to Ray workers, whose working directory differs
-    stage_dir = run_dir / STAGE
-    job = plan_job(cfg, run_dir, seed)
-    if not force and is_complete(stage_dir, job.fingerprint):
-        m = read_manifest(stage_dir)
-        log.info("train: data and config unchanged, skipped (%d steps)", m["counts"]["steps"])
-        return m | {"skipped": True}
-    resolve_job(job, ray_cfg)
+    def check(self) -> None:
+        # paths go to Ray workers, whose working directory differs
+        self.run_dir, self.stage_dir = self.run_dir.resolve(), self.stage_dir.resolve()
+        self.job = plan_job(self.section, self.run_dir, self.cfg.seed)  # every check, no Ray
 
-    name = job.run_name
-    storage = (stage_dir / "ray").resolve()
-    log_dir = (stage_dir / "logs" / name).resolve()
-    if force:
-        shutil.rmtree(storage / name, ignore_errors=True)
+    def input_hashes(self) -> dict[str, str]:
+        return self.job.inputs
+
+    @property
+    def _dirs(self) -> tuple[Path, Path]:
+        """(Ray Train storage, this run's log dir)."""
+        return self.stage_dir / "ray", self.stage_dir / "logs" / self.job.run_name
+
+    def reset(self) -> None:
+        storage, log_dir = self._dirs
+        shutil.rmtree(storage / self.job.run_name, ignore_errors=True)
         shutil.rmtree(log_dir, ignore_errors=True)
-    t0 = time.time()
-    with stage_run(stage_dir, job.config_hash, job.inputs) as run:
+
+    def run(self, out: Outputs) -> None:
+        cfg, job = self.section, resolve_job(self.job, self.cfg.ray)
+        t0 = time.time()
         tokens = tokenize_rows(job.rows, cfg, job.model_path)
         n_trunc = int(np.count_nonzero(tokens.column("truncated").to_numpy()))
         if n_trunc:
             log.warning("train: %d of %d rows were cut to max_length=%d tokens", n_trunc, len(tokens),
                         cfg.max_length)
-        export_dir = run.tmp_path(MODEL)
-        merged_dir = run.tmp_path(MERGED) if cfg.lora.enabled and cfg.lora.merge else None
+        export_dir = out.path(TRAIN_MODEL)
+        merged_dir = out.path(TRAIN_MERGED) if cfg.lora.enabled and cfg.lora.merge else None
+        result = self._fit(job, tokens, export_dir, merged_dir)
+        metrics = self._write_outputs(out, job, tokens)
+        out.counts = job.counts | {
+            "truncated": n_trunc, "steps": job.total_steps, "steps_per_epoch": job.steps_per_epoch,
+            "epochs": cfg.epochs, "tokens_trained": int(sum(m["tokens"] for m in metrics)),
+            "restarts": int(max((m["attempt"] for m in metrics), default=0))}
+        out.extra = {"loss": cfg.loss, "final_loss": metrics[-1]["loss"] if metrics else None,
+                     "ray_run": job.run_name,
+                     "checkpoint": result.checkpoint.path if result.checkpoint else None,
+                     "tensorboard": str(self._dirs[1] / "tensorboard"), "precision": job.precision,
+                     "workers": cfg.num_workers, "use_gpu": job.use_gpu, "lora": cfg.lora.enabled}
+        log.info("train[%s]: %d steps on %d rows (%d mixes, %d truncated) in %.1f s; final loss %.4f -> %s",
+                 cfg.loss, job.total_steps, job.counts["rows"], job.counts["mixes"], n_trunc,
+                 time.time() - t0, out.extra["final_loss"] or math.nan, TRAIN_MODEL.path(self.run_dir))
+
+    def _fit(self, job: TrainingJob, tokens: pa.Table, export_dir: Path, merged_dir: Path | None):
+        import ray
+
+        from mixray.distributed.train import fit
+
+        cfg, (storage, log_dir) = self.section, self._dirs
         loop_config = job.loop_config(log_dir, export_dir, merged_dir)
         ctx = ray.data.DataContext.get_current()
         bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # no bar per worker per epoch
         try:
             result = fit(loop_config, rank_datasets(tokens, cfg.num_workers), num_workers=cfg.num_workers,
                          use_gpu=job.use_gpu, resources_per_worker=job.resources, storage_path=str(storage),
-                         name=name, max_failures=cfg.max_failures, keep_checkpoints=cfg.keep_checkpoints)
+                         name=job.run_name, max_failures=cfg.max_failures,
+                         keep_checkpoints=cfg.keep_checkpoints)
         finally:
             ctx.enable_progress_bars = bars
         if not any((export_dir / f).is_file() for f in ("config.json", "adapter_config.json")):
             raise RuntimeError(f"training finished without exporting a model to {export_dir}")
+        return result
+
+    def _write_outputs(self, out: Outputs, job: TrainingJob, tokens: pa.Table) -> list[dict]:
+        """metrics.csv, loss.png and rows.parquet; returns the metrics."""
+        log_dir = self._dirs[1]
         metrics = read_metrics(log_dir / "metrics.csv")
-        shutil.copyfile(log_dir / "metrics.csv", run.tmp_path(METRICS))
-        plot_loss_curves(metrics, run.tmp_path(PLOT), _title(cfg, job.counts))
+        shutil.copyfile(log_dir / "metrics.csv", out.path(TRAIN_METRICS))
+        plot_loss_curves(metrics, out.path(TRAIN_PLOT), _title(self.section, job.counts))
         n_tok = (pc.list_value_length(tokens.column("ids_a")).to_numpy()
                  + pc.list_value_length(tokens.column("ids_b")).to_numpy())
         keep = ["row", "id", "is_mix", "a_id", "b_id", "lam", "group", "shard", "truncated"]
         write_table(tokens.select(keep).append_column("tokens", pa.array(n_tok.astype(np.int32))),
-                    run.tmp_path(ROWS))
-        run.counts = job.counts | {
-            "truncated": n_trunc, "steps": job.total_steps, "steps_per_epoch": job.steps_per_epoch,
-            "epochs": cfg.epochs, "tokens_trained": int(sum(m["tokens"] for m in metrics)),
-            "restarts": int(max((m["attempt"] for m in metrics), default=0))}
-        run.extra = {"loss": cfg.loss, "final_loss": metrics[-1]["loss"] if metrics else None,
-                     "ray_run": name, "checkpoint": result.checkpoint.path if result.checkpoint else None,
-                     "tensorboard": str(log_dir / "tensorboard"), "precision": job.precision,
-                     "workers": cfg.num_workers, "use_gpu": job.use_gpu, "lora": cfg.lora.enabled}
-        log.info("train[%s]: %d steps on %d rows (%d mixes, %d truncated) in %.1f s; final loss %.4f -> %s",
-                 cfg.loss, job.total_steps, job.counts["rows"], job.counts["mixes"], n_trunc,
-                 time.time() - t0, run.extra["final_loss"] or math.nan, stage_dir / MODEL)
-    return read_manifest(stage_dir) | {"skipped": False}
+                    out.path(TRAIN_ROWS))
+        return metrics
 
 
 def _title(cfg: TrainConfig, counts: dict) -> str:
@@ -610,8 +628,3 @@ def _read_template(path: str) -> dict:
     if not isinstance(data, dict):
         raise InputError(f"train.deepspeed.config_file: {p} must hold a JSON object")
     return data
-
-
-def stage(cfg: RunConfig, run_dir: Path, force: bool = False) -> dict:
-    """The ``train`` stage of ``mixray run`` (see ``mixray.stages.STAGES``)."""
-    return run_train(cfg.train, cfg.ray, run_dir, seed=cfg.seed, force=force)

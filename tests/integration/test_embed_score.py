@@ -13,9 +13,9 @@ import torch
 
 from mixray.config import RunConfig
 from mixray.errors import ConfigError, InputError
+from mixray.io.embeddings import read_embeddings
 from mixray.models.text import instruction_text
 from mixray.stages import run_stage
-from mixray.stages.embed import read_embeddings
 
 LIMIT = 60  # per source: three tasks, 180 examples
 

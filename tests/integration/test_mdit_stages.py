@@ -14,9 +14,9 @@ from mixray.algorithms.mdit import mix_vectors
 from mixray.cli import main
 from mixray.config import RunConfig, load_config
 from mixray.errors import ConfigError, InputError
+from mixray.io.embeddings import read_embeddings
 from mixray.io.rundir import read_manifest
 from mixray.stages import run_stage
-from mixray.stages.embed import read_embeddings
 
 LIMIT = 40  # examples per task
 BUDGET, CLUSTERS = 30, 10

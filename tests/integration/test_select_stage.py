@@ -16,21 +16,26 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from stage_runs import run as run_stage_alone
 
 from mixray.algorithms.qdit import QDITSelector, minmax, quality_order
-from mixray.config import RayConfig, SelectConfig, load_config
+from mixray.config import SelectConfig, load_config
 from mixray.errors import ConfigError, InputError
+from mixray.io.embeddings import embedding_array
 from mixray.io.rundir import read_manifest, stage_run, write_table
 from mixray.schema import EXAMPLE_SCHEMA
 from mixray.stages import STAGES
 from mixray.stages import select as sel_stage
-from mixray.stages.embed import embedding_array
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "qdit_minilm.npz"
 PER_SOURCE = 160
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def run_stages_select(cfg: SelectConfig, run_dir: Path, force: bool = False) -> dict:
+    return run_stage_alone("select", run_dir, force=force, select=cfg)
 
 
 def _examples(train: Path) -> list[dict]:
@@ -83,7 +88,7 @@ def run_dir(tmp_path, shared_data):
 
 
 def test_select_is_a_registered_stage():
-    assert STAGES["select"][0] == "mixray.stages.select:stage"
+    assert STAGES["select"][0] == "mixray.stages.select:Select"
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml",
                       ["select.alpha=[0.0, 0.5]", "select.k=50"])
     assert cfg.select.alphas == [0.0, 0.5] and cfg.select.k == 50
@@ -113,7 +118,7 @@ def test_sweep_labels_merge_points_that_would_overlap():
 
 def test_stage_alpha_sweep_outputs(run_dir):
     cfg = SelectConfig(k=30, alpha=[0.0, 0.7, 1.0], checkpoint_every=10, memory_budget_mb=8)
-    m = sel_stage.run_select(cfg, RayConfig(), run_dir, seed=0)
+    m = run_stages_select(cfg, run_dir)
     out = run_dir / "select"
     assert m["skipped"] is False and m["counts"] == {"pool": 480, "selected": 30}
     main = pq.read_table(out / "selection.parquet")
@@ -150,7 +155,7 @@ def test_stage_alpha_sweep_outputs(run_dir):
     assert table[-1].startswith("random,nan,")
     assert (out / "alpha_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "checkpoints").exists()
-    again = sel_stage.run_select(cfg, RayConfig(), run_dir, seed=0)
+    again = run_stages_select(cfg, run_dir)
     assert again["skipped"] is True
 
 
@@ -162,7 +167,7 @@ def test_stage_resumes_after_a_kill(run_dir, tmp_path_factory, shared_data, monk
     cfg = SelectConfig(k=40, alpha=0.5, checkpoint_every=8, memory_budget_mb=1)
     clean = tmp_path_factory.mktemp("clean")
     make_run_dir(clean, shared_data / "train")
-    sel_stage.run_select(cfg, RayConfig(), clean, seed=0)
+    run_stages_select(cfg, clean)
 
     real_save = sel_stage.save_checkpoint
     saves = []
@@ -175,13 +180,13 @@ def test_stage_resumes_after_a_kill(run_dir, tmp_path_factory, shared_data, monk
 
     monkeypatch.setattr(sel_stage, "save_checkpoint", save_then_die)
     with pytest.raises(_Killed):
-        sel_stage.run_select(cfg, RayConfig(), run_dir, seed=0)
+        run_stages_select(cfg, run_dir)
     assert saves == [8, 16, 24]
     assert read_manifest(run_dir / "select") is None
     assert (run_dir / "select" / "checkpoints" / "alpha0.5.npz").is_file()
     monkeypatch.setattr(sel_stage, "save_checkpoint", real_save)
     with caplog.at_level("INFO", logger="mixray.select"):
-        sel_stage.run_select(cfg, RayConfig(), run_dir, seed=0)
+        run_stages_select(cfg, run_dir)
     assert "resuming from checkpoint at step 24 of 40" in caplog.text
     assert pq.read_table(run_dir / "select" / "selection.parquet").equals(
         pq.read_table(clean / "select" / "selection.parquet"))
@@ -189,12 +194,11 @@ def test_stage_resumes_after_a_kill(run_dir, tmp_path_factory, shared_data, monk
     monkeypatch.setattr(sel_stage, "save_checkpoint", save_then_die)
     saves.clear()
     with pytest.raises(_Killed):
-        sel_stage.run_select(cfg, RayConfig(), run_dir, seed=0, force=True)
+        run_stages_select(cfg, run_dir, force=True)
     monkeypatch.setattr(sel_stage, "save_checkpoint", real_save)
     caplog.clear()
     with caplog.at_level("INFO", logger="mixray.select"):
-        sel_stage.run_select(SelectConfig.model_validate(cfg.model_dump() | {"k": 41}),
-                             RayConfig(), run_dir, seed=0)
+        run_stages_select(SelectConfig.model_validate(cfg.model_dump() | {"k": 41}), run_dir)
     assert "ignoring" in caplog.text and "resuming" not in caplog.text
 
 
@@ -202,15 +206,15 @@ def test_stage_rejects_mismatched_ids_and_large_k(tmp_path, shared_data):
     a = tmp_path / "a"
     make_run_dir(a, shared_data / "train", drop_quality=5)
     with pytest.raises(InputError, match=r"1 id\(s\) in .*embeddings.parquet have no quality score .*\(first: alpaca_en_demo/5;"):
-        sel_stage.run_select(SelectConfig(k=10), RayConfig(), a)
+        run_stages_select(SelectConfig(k=10), a)
     b = tmp_path / "b"
     make_run_dir(b, shared_data / "train", extra_quality=True)
     with pytest.raises(InputError, match=r"1 id\(s\) in .*quality.parquet have no embedding .*ghost/1"):
-        sel_stage.run_select(SelectConfig(k=10), RayConfig(), b)
+        run_stages_select(SelectConfig(k=10), b)
     c = tmp_path / "c"
     make_run_dir(c, shared_data / "train")
     with pytest.raises(ConfigError, match=r"select.k=481 is larger than the pool \(480 examples"):
-        sel_stage.run_select(SelectConfig(k=481), RayConfig(), c)
+        run_stages_select(SelectConfig(k=481), c)
 
 
 # -- over Ray actors ----------------------------------------------------------------------------------
@@ -244,10 +248,10 @@ def test_stage_sharded_equals_local(run_dir, tmp_path_factory, shared_data, ray_
     local = tmp_path_factory.mktemp("local")
     make_run_dir(local, shared_data / "train")
     base = SelectConfig(k=25, alpha=0.5, memory_budget_mb=1, checkpoint_every=0)
-    sel_stage.run_select(base, RayConfig(), local)
-    sharded = SelectConfig.model_validate(base.model_dump() | {"distributed": "sharded", "actors": 2,
+    run_stages_select(base, local)
+    sharded = SelectConfig.model_validate(base.model_dump() | {"distributed": "sharded", "concurrency": 2,
                                                                "num_gpus": 0})
-    m = sel_stage.run_select(sharded, RayConfig(), run_dir)
+    m = run_stages_select(sharded, run_dir)
     assert m["distributed"] == "sharded"
     assert pq.read_table(run_dir / "select" / "selection.parquet").equals(
         pq.read_table(local / "select" / "selection.parquet"))

@@ -8,10 +8,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from stage_runs import run
 
 from mixray.config import IngestConfig
 from mixray.errors import InputError
-from mixray.stages.ingest import EXAMPLES, REJECTS, run_ingest
+
+EXAMPLES, REJECTS = "examples.parquet", "rejects.parquet"
+
+
+def run_ingest(cfg: IngestConfig, run_dir: Path, force: bool = False) -> dict:
+    return run("ingest", run_dir, force=force, ingest=cfg)
 
 
 def _ingest(tmp_path: Path, sources: list[dict], **kw) -> tuple[dict, pa.Table, pa.Table]:

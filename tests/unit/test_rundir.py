@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from mixray.errors import InputError
@@ -32,15 +33,25 @@ def test_completed_stage_has_manifest_and_outputs(tmp_path):
     assert not is_complete(d, fingerprint("cfg", {"in": "h"}))
 
 
-def test_interrupted_stage_leaves_nothing_a_later_stage_would_trust(tmp_path):
+def test_interrupted_stage_leaves_the_previous_outputs_as_they_were(tmp_path):
     d = tmp_path / "s"
     with stage_run(d, "cfg", {}) as run:
         write_table(pa.table({"x": [1]}), run.tmp_path("out.parquet"))
+    before = read_manifest(d)
+    with pytest.raises(KeyboardInterrupt), stage_run(d, "cfg2", {}) as run:
+        write_table(pa.table({"x": [1, 2]}), run.tmp_path("out.parquet"))
+        raise KeyboardInterrupt
+    assert read_manifest(d) == before  # still vouches for the previous, intact output
+    assert is_complete(d, fingerprint("cfg", {})) and not is_complete(d, fingerprint("cfg2", {}))
+    assert pq.read_table(d / "out.parquet").num_rows == 1
+    assert [p.name for p in d.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_stage_never_run_has_no_output_to_trust(tmp_path):
+    d = tmp_path / "s"
     with pytest.raises(KeyboardInterrupt), stage_run(d, "cfg", {}) as run:
         write_table(pa.table({"x": [1, 2]}), run.tmp_path("out.parquet"))
         raise KeyboardInterrupt
-    assert read_manifest(d) is None
-    assert not is_complete(d, fingerprint("cfg", {}))
-    assert [p.name for p in d.iterdir() if p.name.startswith(".")] == []
+    assert read_manifest(d) is None and not is_complete(d, fingerprint("cfg", {}))
     with pytest.raises(InputError, match="run the 's' stage first"):
         output_hash(d, "out.parquet")

@@ -1,0 +1,138 @@
+"""The data contracts of a run directory: every stage output's file name and schema, in one place.
+
+Producers and consumers import the same :class:`Artifact`, so a file name or a
+column is defined once::
+
+    <run_dir>/<artifact.stage>/<artifact.name>
+
+A stage declares the artifacts it reads (``requires``) and writes (``outputs``);
+the stage runner (``mixray.stages.runner``) keys skip decisions on the recorded
+hashes of the inputs and checks that a stage writes only what it declared.
+``schema`` is the Arrow schema of a Parquet artifact when it is fixed (the
+embeddings' width depends on the encoder, so theirs is built at run time).
+A ``name`` with ``{fields}`` is a family of files (``selection_alpha{alpha}.parquet``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from mixray.schema import EXAMPLE_SCHEMA, REJECT_SCHEMA
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One output of one stage: ``<run_dir>/<stage>/<name>``."""
+
+    stage: str
+    name: str
+    schema: pa.Schema | None = None
+    doc: str = ""
+
+    def path(self, run_dir: Path, **fields: object) -> Path:
+        return Path(run_dir) / self.stage / self.filename(**fields)
+
+    def filename(self, **fields: object) -> str:
+        return self.name.format(**fields) if fields else self.name
+
+    @property
+    def is_family(self) -> bool:
+        return "{" in self.name
+
+    def matches(self, filename: str) -> bool:
+        """Whether ``filename`` is this artifact (or a member of this family)."""
+        if not self.is_family:
+            return filename == self.name
+        head, _, rest = self.name.partition("{")
+        tail = rest.partition("}")[2]
+        return filename.startswith(head) and filename.endswith(tail) and len(filename) > len(head + tail)
+
+
+# ----------------------------------------------------------------------------- ingest
+
+EXAMPLES = Artifact("ingest", "examples.parquet", EXAMPLE_SCHEMA,
+                    "every usable record in the example schema, in source order")
+REJECTS = Artifact("ingest", "rejects.parquet", REJECT_SCHEMA,
+                   "every unusable record: source, file, line, row, reason, detail, raw")
+DUPLICATE_SCHEMA = pa.schema([("id", pa.string()), ("duplicate_of", pa.string())])
+DUPLICATES = Artifact("ingest", "duplicates.parquet", DUPLICATE_SCHEMA,
+                      "exact duplicates: id, duplicate_of")
+
+# ----------------------------------------------------------------------------- embed, score
+
+EMBEDDINGS = Artifact("embed", "embeddings.parquet", None,
+                      "id, embedding (fixed_size_list<float32>[d]); metadata mixray.encoder/model/"
+                      "text/dim/normalized")
+QUALITY_SCHEMA = pa.schema([("id", pa.string()), ("raw", pa.float64()), ("score", pa.float64()),
+                            ("backend", pa.string())])
+QUALITY = Artifact("score", "quality.parquet", None,
+                   "id, raw, score (higher is better), backend (+ backend columns, e.g. IFD losses)")
+SCORE_REJECT_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string())])
+SCORE_REJECTS = Artifact("score", "rejects.parquet", SCORE_REJECT_SCHEMA,
+                         "examples without a defined score: id, reason")
+
+# ----------------------------------------------------------------------------- select (QDIT)
+
+SELECTION_SCHEMA = pa.schema([("id", pa.string()), ("rank", pa.int64()), ("gain", pa.float64()),
+                              ("score", pa.float64()), ("quality", pa.float64())])
+SELECTION = Artifact("select", "selection.parquet", SELECTION_SCHEMA,
+                     "the main alpha's selection: id, rank (1 = first), gain, score, quality")
+SWEEP_SELECTION = Artifact("select", "selection_alpha{alpha}.parquet", SELECTION_SCHEMA,
+                           "one selection per alpha of a sweep")
+SELECTED = Artifact("select", "selected.jsonl", None, "the selected examples, in rank order")
+SWEEP_TABLE = Artifact("select", "alpha_sweep.csv", None,
+                       "alpha, objective, diversity, quality_mean, time_s (+ a random row)")
+SWEEP_PLOT = Artifact("select", "alpha_sweep.png", None, "mean quality vs diversity per alpha")
+
+# ----------------------------------------------------------------------------- mix, cluster (MDIT)
+
+MIX_SCHEMA = pa.schema([
+    ("mix_id", pa.string()), ("a_id", pa.string()), ("b_id", pa.string()),
+    ("task_a", pa.string()), ("task_b", pa.string()), ("lam", pa.float64()),
+    ("round", pa.int64()), ("len_a", pa.int64()), ("len_b", pa.int64()),
+    ("bucket_a", pa.int64()), ("bucket_b", pa.int64()),
+])
+
+
+def mix_id(a_id: str, b_id: str) -> str:
+    """A mix's id: ``mix:<16 hex of sha256(a_id, b_id)>``, stable across runs."""
+    return "mix:" + hashlib.sha256(f"{a_id}\x1f{b_id}".encode()).hexdigest()[:16]
+
+
+def pair_name(task_a: str, task_b: str) -> str:
+    """The task of a mix: ``task_a×task_b``."""
+    return f"{task_a}×{task_b}"
+
+
+MIX_PLAN = Artifact("mix", "mix_plan.parquet", MIX_SCHEMA, "MDIT's cross-task mixes (pairs, λ)")
+
+CLUSTER_SELECTION_SCHEMA = pa.schema([
+    ("id", pa.string()), ("rank", pa.int64()), ("cluster", pa.int64()), ("dist", pa.float64()),
+    ("is_mix", pa.bool_()), ("a_id", pa.string()), ("b_id", pa.string()), ("lam", pa.float64()),
+    ("task", pa.string()), ("within", pa.int64()),
+])
+CLUSTER_SELECTION = Artifact("cluster", "selection.parquet", CLUSTER_SELECTION_SCHEMA,
+                             "MDIT's kept originals and mixes, nearest their centroid first")
+CENTROIDS = Artifact("cluster", "centroids.parquet", None, "cluster, size, centroid")
+CLUSTER_PLOT = Artifact("cluster", "originals_vs_mixes.png", None, "t-SNE/PCA map")
+
+# Stages whose ``selection.parquet`` can feed training, latest first (``train.data: auto``).
+SELECTIONS = (CLUSTER_SELECTION, SELECTION)
+
+# ----------------------------------------------------------------------------- train
+
+TRAIN_MODEL = Artifact("train", "model", None, "the fine-tuned model or LoRA adapter + tokenizer")
+TRAIN_MERGED = Artifact("train", "merged", None, "LoRA merged into the base weights")
+TRAIN_METRICS = Artifact("train", "metrics.csv", None, "one row per optimizer step and attempt")
+TRAIN_PLOT = Artifact("train", "loss.png", None, "the loss curves")
+TRAIN_ROWS = Artifact("train", "rows.parquet", None,
+                      "the training rows: id, is_mix, a_id, b_id, lam, group, shard, truncated, tokens")
+
+# ----------------------------------------------------------------------------- dynamics (SFTMix)
+
+CONFIDENCE = Artifact("dynamics", "confidence.parquet", None,
+                      "the SFTMix split: id + split ('confident'/'unconfident') or id + confidence")
