@@ -23,7 +23,8 @@ from train_data import make_run_dir
 
 from mixray.config import RayConfig, TrainConfig
 from mixray.models.sft import SFTEncoder
-from mixray.stages.train import plan_job, rank_datasets, read_metrics, resolve_job
+from mixray.stages.train import plan_job, rank_datasets, resolve_job
+from mixray.training.metrics import read_metrics
 
 STEPS = 3
 # The first STEPS (loss, ntp) of each run below: 2 workers, 1 thread each, seed 0, the tiny Llama.
@@ -58,13 +59,17 @@ def _cfg(model, **kw) -> TrainConfig:
     return TrainConfig.model_validate(base | kw)
 
 
-def _train_many(run_dir: Path, out: Path, cfgs: dict[str, TrainConfig]) -> dict[str, Path]:
-    """Train every config in one TorchTrainer (2 workers); returns each run's directory."""
+def _train_many(run_dir: Path, out: Path, cfgs: dict[str, TrainConfig],
+                extra: dict[str, dict] | None = None) -> dict[str, Path]:
+    """Train every config in one TorchTrainer (2 workers); returns each run's directory.
+
+    ``extra``: loop-config keys per run (e.g. ``export_steps``) beyond what the stage sets.
+    """
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     def sequential(config):  # a local function: Ray ships it by value to the workers
-        from mixray.distributed.train import train_loop_per_worker
+        from mixray.training.loop import train_loop_per_worker
 
         for sub in config["runs"]:
             train_loop_per_worker(sub)
@@ -77,7 +82,7 @@ def _train_many(run_dir: Path, out: Path, cfgs: dict[str, TrainConfig]) -> dict[
         d = dirs[name] = out / name
         loop = job.loop_config(d / "logs", d / "model", d / "merged" if cfg.lora.merge else None,
                                dataset_prefix=f"{name}_")
-        runs.append(loop | {"run_name": f"{name}-{job.run_name}"})
+        runs.append(loop | {"run_name": f"{name}-{job.run_name}"} | (extra or {}).get(name, {}))
     TorchTrainer(
         sequential, train_loop_config={"runs": runs},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
@@ -129,7 +134,7 @@ def test_zero2_lora_with_all_three_losses(ray_session, run_dir, tiny_lm_dir, tmp
     cfgs = {"ntp": _cfg(tiny_lm_dir, lora=lora),
             "mdit": _cfg(tiny_lm_dir, lora=lora, loss="mdit"),
             "sftmix": _cfg(tiny_lm_dir, lora=lora | {"merge": True}, loss="sftmix", sftmix={"confidence": conf})}
-    dirs = _train_many(run_dir, tmp_path, cfgs)
+    dirs = _train_many(run_dir, tmp_path, cfgs, extra={"ntp": {"export_steps": [1, 2]}})
 
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
@@ -145,6 +150,15 @@ def test_zero2_lora_with_all_three_losses(ray_session, run_dir, tiny_lm_dir, tmp
         assert set(trained) == set(init) and len(trained) == 8  # A and B of q, v in 2 layers
         unchanged = [k for k in init if torch.equal(init[k], trained[k])]
         assert not unchanged, f"{loss}: LoRA parameters did not change: {unchanged}"
+    # the adapters exported after steps 1 and 2 (<export_dir>/../checkpoints/step-<n>) load on their own,
+    # and hold the weights of their step: different from each other and from the final (step 3) adapter
+    steps = {n: dirs["ntp"] / "checkpoints" / f"step-{n}" for n in (1, 2)}
+    adapters = {n: load_file(d / "adapter_model.safetensors") for n, d in steps.items()}
+    adapters[3] = load_file(dirs["ntp"] / "model" / "adapter_model.safetensors")
+    for a, b in ((1, 2), (2, 3), (1, 3)):
+        assert all(not torch.equal(adapters[a][k], adapters[b][k]) for k in init if "lora_B" in k), (a, b)
+    assert not torch.equal(_generates(steps[1]), _generates(steps[2]))
+    assert sorted(p.name for p in (dirs["ntp"] / "checkpoints").iterdir()) == ["step-1", "step-2"]
     # the adapter reloads through transformers (base + adapter) and generates; merged weights agree
     adapter_logits = _generates(dirs["sftmix"] / "model")
     torch.testing.assert_close(_generates(dirs["sftmix"] / "merged"), adapter_logits, atol=1e-4, rtol=1e-4)
@@ -161,7 +175,9 @@ def test_zero3_full_all_losses_ddp_and_accumulation_equivalence(ray_session, run
         "z2_mb1x4": _cfg(tiny_lm_dir, micro_batch_size=1, grad_accum=4),
         "ddp_mb4": _cfg(tiny_lm_dir, deepspeed={"enabled": False}),
     }
-    dirs = _train_many(run_dir, tmp_path, cfgs)
+    step_dir = tmp_path / "z3-steps"
+    dirs = _train_many(run_dir, tmp_path, cfgs,
+                       extra={"z3_ntp": {"export_steps": [1, 3], "export_steps_dir": str(step_dir)}})
 
     init = load_file(tiny_lm_dir / "model.safetensors")
     finals = {}
@@ -175,6 +191,13 @@ def test_zero3_full_all_losses_ddp_and_accumulation_equivalence(ray_session, run
         unchanged = [k for k in init if torch.equal(init[k], finals[name][k])]
         assert not unchanged, f"{name}: parameters did not change: {unchanged}"
     _generates(dirs["z3_mdit"] / "model")
+    # ZeRO-3 exports at steps 1 and 3 (every rank gathers, training goes on): whole models that load,
+    # step 1 differs from the initial weights and from step 3, step 3 is the final export
+    step1, step3 = (load_file(step_dir / f"step-{n}" / "model.safetensors") for n in (1, 3))
+    assert set(step1) == set(init) and all(step1[k].shape == init[k].shape for k in init)
+    assert not [k for k in init if torch.equal(init[k], step1[k]) or torch.equal(step1[k], step3[k])]
+    assert all(torch.equal(step3[k], finals["z3_ntp"][k]) for k in init)
+    _generates(step_dir / "step-1")
 
     z2 = [r["loss"] for r in _curve(dirs["z2_mb4"])]
     # ZeRO-2 and plain DDP: the same losses and the same weights
