@@ -143,10 +143,11 @@ def mixray_round(prepared, out: Path, rnd: int) -> dict[str, list[dict]]:
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from mixray.stages.train import rank_datasets, read_metrics
+    from mixray.stages.train import rank_datasets
+    from mixray.training.metrics import read_metrics
 
     def sequential(config):
-        from mixray.distributed.train import train_loop_per_worker
+        from mixray.training.loop import train_loop_per_worker
 
         for sub in config["runs"]:
             train_loop_per_worker(sub)

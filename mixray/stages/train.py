@@ -30,7 +30,6 @@ any worker starts.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -62,6 +61,7 @@ from mixray.errors import ConfigError, InputError
 from mixray.io.rundir import file_sha256, fingerprint, output_hash, read_manifest, write_table
 from mixray.models.registry import check_model
 from mixray.stages.runner import Outputs, Stage
+from mixray.training.metrics import plot_loss_curves, read_metrics
 
 log = logging.getLogger("mixray.train")
 
@@ -371,46 +371,6 @@ def tokenize_rows(table: pa.Table, cfg: TrainConfig, model_path: str) -> pa.Tabl
     return pa.concat_tables(parts).sort_by("row")
 
 
-# ----------------------------------------------------------------------------- plots
-
-def read_metrics(path: Path) -> list[dict[str, float]]:
-    """The curve of a run: for each step, the row of the last attempt that reached it."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    by_step: dict[int, dict[str, float]] = {}
-    for r in rows:
-        vals = {k: float(v) if v not in ("", None) else math.nan for k, v in r.items()}
-        s = int(vals["step"])
-        if s not in by_step or vals["attempt"] >= by_step[s]["attempt"]:
-            by_step[s] = vals
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def plot_loss_curves(metrics: list[dict[str, float]], out: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [m["step"] for m in metrics]
-    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 1))
-    ax.plot(steps, [m["loss"] for m in metrics], label="loss", lw=2)
-    components = any(m["mix"] != 0 for m in metrics)  # ntp alone: its only component is the loss
-    for key, label in (("ntp", "NTP / originals"), ("mix", "mix term")):
-        if components:
-            ax.plot(steps, [m[key] for m in metrics], label=label, lw=1)
-    ax.set_ylabel("loss (token mean)")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    ax_lr.plot(steps, [m["lr"] for m in metrics], color="gray")
-    ax_lr.set_ylabel("lr")
-    ax_lr.set_xlabel("optimizer step")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100, format="png")
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------- the job
 
 @dataclass
@@ -507,7 +467,7 @@ def resolve_job(job: TrainingJob, ray_cfg: RayConfig) -> TrainingJob:
     job.use_gpu, job.resources = _worker_resources(cfg, ray_cfg)
     job.precision = _resolve_precision(cfg, job.use_gpu)
     if cfg.deepspeed.enabled:
-        from mixray.distributed.deepspeed_config import build_deepspeed_config
+        from mixray.training.deepspeed_config import build_deepspeed_config
 
         try:  # built here, once: a bad setting fails before any worker starts
             job.ds_config = build_deepspeed_config(job.deepspeed_settings())
@@ -580,7 +540,7 @@ class Train(Stage):
     def _fit(self, job: TrainingJob, tokens: pa.Table, export_dir: Path, merged_dir: Path | None):
         import ray
 
-        from mixray.distributed.train import fit
+        from mixray.training.loop import fit
 
         cfg, (storage, log_dir) = self.section, self._dirs
         loop_config = job.loop_config(log_dir, export_dir, merged_dir)

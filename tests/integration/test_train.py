@@ -23,9 +23,28 @@ from train_data import make_run_dir
 
 from mixray.config import RayConfig, TrainConfig
 from mixray.models.sft import SFTEncoder
-from mixray.stages.train import plan_job, rank_datasets, read_metrics, resolve_job
+from mixray.stages.train import plan_job, rank_datasets, resolve_job
+from mixray.training.metrics import read_metrics
 
 STEPS = 3
+# The first STEPS (loss, ntp) of each run below: 2 workers, 1 thread each, seed 0, the tiny Llama.
+# Written from the code before the training package was refactored; they must not move.
+FIRST_STEPS = {
+    "ntp": ([10.830386638641357, 10.826546669006348, 10.819447994232178],
+            [10.830386638641357, 10.826546669006348, 10.819447994232178]),
+    "mdit": ([10.814679145812988, 10.80367374420166, 10.825227737426758],
+             [9.040416717529297, 7.151604175567627, 6.428501844406128]),
+    "sftmix": ([12.970530986785889, 12.98270320892334, 12.993336200714111],
+               [10.809788227081299, 10.820455551147461, 10.827646732330322]),
+    "z3_ntp": ([10.830386638641357, 10.74571704864502, 10.58282470703125],
+               [10.830386638641357, 10.74571704864502, 10.58282470703125]),
+    "z3_mdit": ([10.814679145812988, 10.685643196105957, 10.535311698913574],
+                [9.040416717529297, 7.093017339706421, 6.2652599811553955]),
+    "z3_sftmix": ([12.970530986785889, 12.897748470306396, 12.701828002929688],
+                  [10.809788227081299, 10.75020980834961, 10.584168434143066]),
+    "z2_mb4": ([10.830386638641357, 10.74571704864502, 10.58282470703125],
+               [10.830386638641357, 10.74571704864502, 10.58282470703125]),
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +59,17 @@ def _cfg(model, **kw) -> TrainConfig:
     return TrainConfig.model_validate(base | kw)
 
 
-def _train_many(run_dir: Path, out: Path, cfgs: dict[str, TrainConfig]) -> dict[str, Path]:
-    """Train every config in one TorchTrainer (2 workers); returns each run's directory."""
+def _train_many(run_dir: Path, out: Path, cfgs: dict[str, TrainConfig],
+                extra: dict[str, dict] | None = None) -> dict[str, Path]:
+    """Train every config in one TorchTrainer (2 workers); returns each run's directory.
+
+    ``extra``: loop-config keys per run (e.g. ``export_steps``) beyond what the stage sets.
+    """
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     def sequential(config):  # a local function: Ray ships it by value to the workers
-        from mixray.distributed.train import train_loop_per_worker
+        from mixray.training.loop import train_loop_per_worker
 
         for sub in config["runs"]:
             train_loop_per_worker(sub)
@@ -59,7 +82,7 @@ def _train_many(run_dir: Path, out: Path, cfgs: dict[str, TrainConfig]) -> dict[
         d = dirs[name] = out / name
         loop = job.loop_config(d / "logs", d / "model", d / "merged" if cfg.lora.merge else None,
                                dataset_prefix=f"{name}_")
-        runs.append(loop | {"run_name": f"{name}-{job.run_name}"})
+        runs.append(loop | {"run_name": f"{name}-{job.run_name}"} | (extra or {}).get(name, {}))
     TorchTrainer(
         sequential, train_loop_config={"runs": runs},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
@@ -74,6 +97,12 @@ def _curve(d: Path) -> list[dict]:
     assert [r["step"] for r in m] == list(range(1, STEPS + 1))
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in m)
     return m
+
+
+def _check_pinned(name: str, m: list[dict]) -> None:
+    loss, ntp = FIRST_STEPS[name]
+    assert [r["loss"] for r in m] == pytest.approx(loss, rel=1e-6), name
+    assert [r["ntp"] for r in m] == pytest.approx(ntp, rel=1e-6), name
 
 
 def _check_components(m, loss: str):
@@ -105,7 +134,7 @@ def test_zero2_lora_with_all_three_losses(ray_session, run_dir, tiny_lm_dir, tmp
     cfgs = {"ntp": _cfg(tiny_lm_dir, lora=lora),
             "mdit": _cfg(tiny_lm_dir, lora=lora, loss="mdit"),
             "sftmix": _cfg(tiny_lm_dir, lora=lora | {"merge": True}, loss="sftmix", sftmix={"confidence": conf})}
-    dirs = _train_many(run_dir, tmp_path, cfgs)
+    dirs = _train_many(run_dir, tmp_path, cfgs, extra={"ntp": {"export_steps": [1, 2]}})
 
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
@@ -116,10 +145,20 @@ def test_zero2_lora_with_all_three_losses(ray_session, run_dir, tiny_lm_dir, tmp
         r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")))
     for loss, d in dirs.items():
         _check_components(_curve(d), loss)
+        _check_pinned(loss, _curve(d))
         trained = load_file(d / "model" / "adapter_model.safetensors")
         assert set(trained) == set(init) and len(trained) == 8  # A and B of q, v in 2 layers
         unchanged = [k for k in init if torch.equal(init[k], trained[k])]
         assert not unchanged, f"{loss}: LoRA parameters did not change: {unchanged}"
+    # the adapters exported after steps 1 and 2 (<export_dir>/../checkpoints/step-<n>) load on their own,
+    # and hold the weights of their step: different from each other and from the final (step 3) adapter
+    steps = {n: dirs["ntp"] / "checkpoints" / f"step-{n}" for n in (1, 2)}
+    adapters = {n: load_file(d / "adapter_model.safetensors") for n, d in steps.items()}
+    adapters[3] = load_file(dirs["ntp"] / "model" / "adapter_model.safetensors")
+    for a, b in ((1, 2), (2, 3), (1, 3)):
+        assert all(not torch.equal(adapters[a][k], adapters[b][k]) for k in init if "lora_B" in k), (a, b)
+    assert not torch.equal(_generates(steps[1]), _generates(steps[2]))
+    assert sorted(p.name for p in (dirs["ntp"] / "checkpoints").iterdir()) == ["step-1", "step-2"]
     # the adapter reloads through transformers (base + adapter) and generates; merged weights agree
     adapter_logits = _generates(dirs["sftmix"] / "model")
     torch.testing.assert_close(_generates(dirs["sftmix"] / "merged"), adapter_logits, atol=1e-4, rtol=1e-4)
@@ -136,18 +175,29 @@ def test_zero3_full_all_losses_ddp_and_accumulation_equivalence(ray_session, run
         "z2_mb1x4": _cfg(tiny_lm_dir, micro_batch_size=1, grad_accum=4),
         "ddp_mb4": _cfg(tiny_lm_dir, deepspeed={"enabled": False}),
     }
-    dirs = _train_many(run_dir, tmp_path, cfgs)
+    step_dir = tmp_path / "z3-steps"
+    dirs = _train_many(run_dir, tmp_path, cfgs,
+                       extra={"z3_ntp": {"export_steps": [1, 3], "export_steps_dir": str(step_dir)}})
 
     init = load_file(tiny_lm_dir / "model.safetensors")
     finals = {}
     for name, d in dirs.items():
         _check_components(_curve(d), name.split("_")[1] if name.startswith("z3") else "ntp")
+        if name in FIRST_STEPS:
+            _check_pinned(name, _curve(d))
         finals[name] = load_file(d / "model" / "model.safetensors")
         assert set(finals[name]) == set(init)
         assert all(finals[name][k].shape == init[k].shape for k in init)  # ZeRO-3 export gathered
         unchanged = [k for k in init if torch.equal(init[k], finals[name][k])]
         assert not unchanged, f"{name}: parameters did not change: {unchanged}"
     _generates(dirs["z3_mdit"] / "model")
+    # ZeRO-3 exports at steps 1 and 3 (every rank gathers, training goes on): whole models that load,
+    # step 1 differs from the initial weights and from step 3, step 3 is the final export
+    step1, step3 = (load_file(step_dir / f"step-{n}" / "model.safetensors") for n in (1, 3))
+    assert set(step1) == set(init) and all(step1[k].shape == init[k].shape for k in init)
+    assert not [k for k in init if torch.equal(init[k], step1[k]) or torch.equal(step1[k], step3[k])]
+    assert all(torch.equal(step3[k], finals["z3_ntp"][k]) for k in init)
+    _generates(step_dir / "step-1")
 
     z2 = [r["loss"] for r in _curve(dirs["z2_mb4"])]
     # ZeRO-2 and plain DDP: the same losses and the same weights

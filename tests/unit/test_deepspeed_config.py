@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mixray.distributed.deepspeed_config import build_deepspeed_config
+from mixray.errors import TrainingConfigError
+from mixray.training.deepspeed_config import build_deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,7 +28,7 @@ def test_batch_keys_clipping_and_precision():
     assert ds["zero_optimization"]["stage"] == 2 and "optimizer" not in ds  # the loop passes torch AdamW
     assert build_deepspeed_config(_s(precision="bf16"))["bf16"] == {"enabled": True}
     assert build_deepspeed_config(_s(precision="fp16", on_gpu=True))["fp16"]["enabled"] is True
-    with pytest.raises(ValueError, match="fp16 training needs a GPU"):
+    with pytest.raises(TrainingConfigError, match="fp16 training needs a GPU"):
         build_deepspeed_config(_s(precision="fp16"))
 
 
@@ -43,11 +44,11 @@ def test_stages_and_offload():
                                                            "betas": [0.9, 0.95], "eps": 1e-8}}
     assert build_deepspeed_config(_s(offload_optimizer=True, on_gpu=True))["zero_optimization"][
         "offload_optimizer"]["pin_memory"] is True
-    with pytest.raises(ValueError, match="offload_params needs ZeRO stage 3"):
+    with pytest.raises(TrainingConfigError, match="offload_params needs ZeRO stage 3"):
         build_deepspeed_config(_s(offload_params=True))
-    with pytest.raises(ValueError, match="offload_optimizer needs ZeRO stage 1, 2 or 3"):
+    with pytest.raises(TrainingConfigError, match="offload_optimizer needs ZeRO stage 1, 2 or 3"):
         build_deepspeed_config(_s(zero_stage=0, offload_optimizer=True))
-    with pytest.raises(ValueError, match="zero_stage must be"):
+    with pytest.raises(TrainingConfigError, match="zero_stage must be"):
         build_deepspeed_config(_s(zero_stage=4))
 
 
@@ -60,7 +61,7 @@ def test_templates_merge_with_auto_and_reject_conflicting_batches():
     assert ds["zero_optimization"]["overlap_comm"] is True and ds["zero_optimization"]["reduce_bucket_size"] == 1e7
     assert ds["activation_checkpointing"] == {"partition_activations": True}
     assert ds["train_batch_size"] == 64
-    with pytest.raises(ValueError, match="train_batch_size=32, but the training settings give 64"):
+    with pytest.raises(TrainingConfigError, match="train_batch_size=32, but the training settings give 64"):
         build_deepspeed_config(_s(template={"train_batch_size": 32}))
 
 
@@ -74,7 +75,7 @@ def test_shipped_templates_build(name):
 
 
 def test_template_stage_must_agree_and_template_offload_gets_an_optimizer():
-    with pytest.raises(ValueError, match="zero_optimization.stage=3, but train.deepspeed.stage is 2"):
+    with pytest.raises(TrainingConfigError, match="zero_optimization.stage=3, but train.deepspeed.stage is 2"):
         build_deepspeed_config(_s(template={"zero_optimization": {"stage": 3}}))
     ds = build_deepspeed_config(_s(template={"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}))
     assert ds["optimizer"]["type"] == "AdamW"

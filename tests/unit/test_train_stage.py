@@ -18,9 +18,8 @@ from mixray.stages.train import (
     build_training_rows,
     check_lora_targets,
     plan_job,
-    plot_loss_curves,
-    read_metrics,
 )
+from mixray.training.metrics import plot_loss_curves, read_metrics
 
 
 @pytest.fixture(scope="module")

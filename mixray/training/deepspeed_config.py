@@ -10,7 +10,9 @@
 A ``template`` (a file of ``configs/deepspeed/``) is merged over the generated
 config: its values win, except the string ``"auto"``, which takes the
 generated value. The batch-size keys must agree with mixray's own settings
-(DeepSpeed would assert later with a less helpful message).
+(DeepSpeed would assert later with a less helpful message). Settings that
+cannot work together raise ``TrainingConfigError`` (a ``ValueError``), whose
+message names the setting.
 
 The optimizer: without offload the training loop passes a torch ``AdamW``
 (no DeepSpeed op to compile); with an offloaded optimizer (from the settings
@@ -24,6 +26,8 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
+from mixray.errors import TrainingConfigError
+
 _BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 
 
@@ -31,16 +35,16 @@ def build_deepspeed_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """mixray training settings -> DeepSpeed config dict (see the module docstring for keys)."""
     stage = int(cfg["zero_stage"])
     if stage not in (0, 1, 2, 3):
-        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {stage}")
+        raise TrainingConfigError(f"zero_stage must be 0, 1, 2 or 3, got {stage}")
     if cfg.get("offload_params") and stage != 3:
-        raise ValueError(f"offload_params needs ZeRO stage 3, got {stage}")
+        raise TrainingConfigError(f"offload_params needs ZeRO stage 3, got {stage}")
     if cfg.get("offload_optimizer") and stage == 0:
-        raise ValueError("offload_optimizer needs ZeRO stage 1, 2 or 3")
+        raise TrainingConfigError("offload_optimizer needs ZeRO stage 1, 2 or 3")
     precision = cfg.get("precision", "fp32")
     if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+        raise TrainingConfigError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     if precision == "fp16" and not cfg.get("on_gpu"):
-        raise ValueError("fp16 training needs a GPU (DeepSpeed's fp16 loss scaling is CUDA-only); use bf16 or fp32")
+        raise TrainingConfigError("fp16 training needs a GPU (DeepSpeed's fp16 loss scaling is CUDA-only); use bf16 or fp32")
     micro, gas, world = int(cfg["micro_batch_size"]), int(cfg["grad_accum"]), int(cfg["world_size"])
     pin = bool(cfg.get("on_gpu"))
 
@@ -83,12 +87,12 @@ def _merge_template(generated: dict[str, Any], template: Mapping[str, Any]) -> d
     out = copy.deepcopy(generated)
     for key in _BATCH_KEYS:
         if key in template and template[key] != "auto" and template[key] != generated[key]:
-            raise ValueError(
+            raise TrainingConfigError(
                 f"DeepSpeed template sets {key}={template[key]!r}, but the training settings give "
                 f"{generated[key]}; use \"auto\" or change train.micro_batch_size / grad_accum / num_workers")
     stage = template.get("zero_optimization", {}).get("stage", "auto")
     if stage != "auto" and stage != generated["zero_optimization"]["stage"]:
-        raise ValueError(f"DeepSpeed template sets zero_optimization.stage={stage}, but "
+        raise TrainingConfigError(f"DeepSpeed template sets zero_optimization.stage={stage}, but "
                          f"train.deepspeed.stage is {generated['zero_optimization']['stage']}")
     _merge(out, template)
     return out
