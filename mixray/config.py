@@ -505,8 +505,66 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
+# Keys that name files, resolved against the config file's directory by load_config.
+# (section path, key): "*" walks every element of a list.
+PATH_KEYS: tuple[tuple[str, ...], ...] = (
+    ("ingest", "sources", "*", "path"), ("train", "deepspeed", "config_file"),
+    ("train", "mdit", "mix_plan"))
+# Keys that hold a file/directory OR a name (model alias, hub id, column): resolved only when
+# written as an explicit relative path (./x, ../x) or when that path exists beside the config.
+PATH_OR_NAME_KEYS: tuple[tuple[str, ...], ...] = (
+    ("embed", "model"), ("score", "model"), ("mix", "model"), ("train", "model"),
+    ("train", "sftmix", "confidence"))
+
+
+def _anchor(value: Any, base: Path, name_or_path: bool) -> Any:
+    """``value`` as an absolute path under ``base`` if it is a relative path, else unchanged."""
+    if not isinstance(value, str) or not value or "://" in value or value.startswith("~"):
+        return value  # pkg://, s3://..., ~/...: not relative to the config
+    if Path(value).is_absolute():
+        return value
+    candidate = (base / value).resolve()
+    if name_or_path and not (value.startswith(("./", "../")) or candidate.exists()):
+        return value
+    return str(candidate)
+
+
+def _walk(node: Any, keys: tuple[str, ...], base: Path, name_or_path: bool) -> None:
+    """Anchor the value at ``keys`` inside the raw YAML ``node`` (in place; tolerant of bad shapes)."""
+    head, rest = keys[0], keys[1:]
+    if head == "*":
+        children: Any = range(len(node)) if isinstance(node, list) else ()
+    else:
+        children = (head,) if isinstance(node, dict) and head in node else ()
+    for k in children:
+        if rest:
+            _walk(node[k], rest, base, name_or_path)
+        else:
+            node[k] = _anchor(node[k], base, name_or_path)
+
+
+def resolve_config_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make the relative file paths of a raw config absolute under ``base`` (in place, returned).
+
+    ``base`` is the config file's directory, so a config works from any working directory.
+    ``pkg://``, URLs, ``~`` and absolute paths are unchanged; ``run_dir`` is NOT resolved
+    here (it stays relative to the working directory, where the user runs mixray).
+    """
+    for keys in PATH_KEYS:
+        _walk(raw, keys, base, name_or_path=False)
+    for keys in PATH_OR_NAME_KEYS:
+        _walk(raw, keys, base, name_or_path=True)
+    return raw
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read YAML, apply overrides, validate. Raises ConfigError listing every problem."""
+    """Read YAML, apply overrides, validate. Raises ConfigError listing every problem.
+
+    Relative paths written in the file resolve against the file's directory
+    (:func:`resolve_config_paths`); paths given as overrides on the command line are
+    left as typed (relative to the working directory, like any shell argument), and so is
+    ``run_dir``.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -519,6 +577,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
                           where=str(path)) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    resolve_config_paths(raw, path.resolve().parent)
     apply_overrides(raw, overrides or [])
     try:
         cfg = RunConfig.model_validate(raw)

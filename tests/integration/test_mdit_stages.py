@@ -1,4 +1,5 @@
-"""MDIT end to end on the real three tasks: ingest -> embed (lm-embedding) -> mix -> cluster."""
+"""MDIT end to end on three real tasks (ShareGPT, GSM8K, HumanEval from their packages):
+ingest -> embed (lm-embedding) -> mix -> cluster."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from packaged_data import pkg_source
 
 from mixray.algorithms.mdit import mix_vectors
 from mixray.cli import main
@@ -22,17 +24,12 @@ LIMIT = 40  # examples per task
 BUDGET, CLUSTERS = 30, 10
 
 
-def raw_config(run_dir, data, tiny_lm_dir) -> dict:
-    train = data / "train"
+def raw_config(run_dir, tiny_lm_dir) -> dict:
+    # task names as the sources' names: general (ShareGPT), math (GSM8K), code (HumanEval)
     return {
         "run_dir": str(run_dir), "seed": 0,
         "stages": ["ingest", "embed", "mix", "cluster"],
-        "ingest": {"sources": [
-            {"name": "alpaca", "path": str(train / "alpaca_en_demo.json"), "limit": LIMIT},
-            {"name": "gsm8k", "path": str(train / "gsm8k_train.jsonl"), "limit": LIMIT,
-             "fields": {"instruction": "question", "input": None, "output": "answer"}},
-            {"name": "code", "path": str(train / "code_alpaca_2k.json"), "limit": LIMIT},
-        ]},
+        "ingest": {"sources": [pkg_source(task, limit=LIMIT) for task in ("general", "math", "code")]},
         "embed": {"encoder": "lm-embedding", "model": str(tiny_lm_dir), "normalize": False,
                   "batch_size": 64, "threads": 1},
         "mix": {"model": str(tiny_lm_dir), "bucket_width": 16},
@@ -41,9 +38,9 @@ def raw_config(run_dir, data, tiny_lm_dir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def mdit_run(tmp_path_factory, shared_data, tiny_lm_dir, ray_session):
+def mdit_run(tmp_path_factory, tiny_lm_dir, ray_session):
     run_dir = tmp_path_factory.mktemp("mdit-run")
-    raw = raw_config(run_dir, shared_data, tiny_lm_dir)
+    raw = raw_config(run_dir, tiny_lm_dir)
     cfg = RunConfig.model_validate(raw)
     manifests = {s: run_stage(s, cfg, run_dir) for s in cfg.stages}
     return run_dir, raw, cfg, manifests
@@ -60,7 +57,7 @@ def test_mix_plan(mdit_run):
     assert (df.a_id.map(task) == df.task_a).all() and (df.b_id.map(task) == df.task_b).all()
     assert (df.task_a != df.task_b).all()
     assert set(zip(df.task_a, df.task_b, strict=True)) == {
-        ("alpaca", "code"), ("alpaca", "gsm8k"), ("code", "gsm8k")}
+        ("code", "general"), ("code", "math"), ("general", "math")}
     assert len(df) == 3 * LIMIT  # T = 1: each pair matches all of its (equal-sized) tasks once
     for _, g in df.groupby(["task_a", "task_b"]):
         assert g.a_id.is_unique and g.b_id.is_unique  # at most T = 1 mix per partner task
@@ -70,7 +67,7 @@ def test_mix_plan(mdit_run):
     assert m["counts"] == {"examples": 3 * LIMIT, "mixes": 3 * LIMIT}
     assert sum(m["lam_histogram"]["counts"]) == len(df)
     assert {k: v["mixes"] for k, v in m["pairs"].items()} == {
-        "alpaca×code": LIMIT, "alpaca×gsm8k": LIMIT, "code×gsm8k": LIMIT}
+        "code×general": LIMIT, "code×math": LIMIT, "general×math": LIMIT}
 
 
 def test_selection_is_nearest_to_centroid_over_originals_and_mixes(mdit_run):
@@ -133,8 +130,8 @@ def test_stages_skip_when_unchanged_and_the_cli_runs_them(mdit_run, tmp_path):
 @pytest.mark.parametrize(
     ("override", "stage", "match"),
     [
-        ({"mix": {"pairs": [["alpaca", "math"]]}}, "mix",
-         r"task 'math' is not in the data \(tasks: alpaca, code, gsm8k\)"),
+        ({"mix": {"pairs": [["general", "maths"]]}}, "mix",
+         r"task 'maths' is not in the data \(tasks: code, general, math\)"),
         ({"mix": {"max_length": 2}}, "mix", r"task '\w+' has no examples in any usable bucket"),
         ({"cluster": {"budget": 10_000}}, "cluster",
          r"cluster.budget=10000 > pool size 240 \(120 originals \+ 120 mixes\)"),

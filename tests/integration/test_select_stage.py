@@ -1,9 +1,9 @@
 """The select stage through a run directory, resume after a kill, and selection over Ray actors.
 
-The run directory is assembled from real data: 480 examples from ../shared/data/train,
-their committed MiniLM embeddings (tests/data/qdit_minilm.npz) and a quality
-column (log length of the reference answer), each written with its manifest as
-the ingest/embed/score stages would.
+The run directory is assembled from real data: 480 examples from the data-carrying packages
+(tests/packaged_data.py: ShareGPT, HumanEval, GSM8K), their committed MiniLM embeddings
+(tests/data/qdit_minilm.npz) and a quality column (log length of the reference answer), each
+written with its manifest as the ingest/embed/score stages would.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from packaged_data import qdit_pool
 from stage_runs import run as run_stage_alone
 
 from mixray.algorithms.qdit import QDITSelector, minmax, quality_order
@@ -28,7 +29,6 @@ from mixray.stages import STAGES
 from mixray.stages import select as sel_stage
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "qdit_minilm.npz"
-PER_SOURCE = 160
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -38,32 +38,19 @@ def run_stages_select(cfg: SelectConfig, run_dir: Path, force: bool = False) -> 
     return run_stage_alone("select", run_dir, force=force, select=cfg)
 
 
-def _examples(train: Path) -> list[dict]:
-    rows = []
-    for name, task in (("alpaca_en_demo.json", "general"), ("code_alpaca_2k.json", "code")):
-        for i, r in enumerate(json.loads((train / name).read_text())[:PER_SOURCE]):
-            rows.append({"id": f"{name.split('.')[0]}/{i}", "source": name.split(".")[0], "task": task,
-                         "instruction": r["instruction"], "input": r.get("input") or "",
-                         "output": r["output"], "messages": None, "quality": None})
-    with open(train / "gsm8k_train.jsonl") as f:
-        for i, line in enumerate(list(f)[:PER_SOURCE]):
-            r = json.loads(line)
-            rows.append({"id": f"gsm8k/{i}", "source": "gsm8k", "task": "math",
-                         "instruction": r["question"], "input": "", "output": r["answer"],
-                         "messages": None, "quality": None})
-    return rows
-
-
 def _write(run_dir: Path, stage: str, name: str, table: pa.Table) -> None:
     with stage_run(run_dir / stage, "test", {}) as run:
         write_table(table, run.tmp_path(name))
 
 
-def make_run_dir(run_dir: Path, train: Path, drop_quality: int | None = None,
+def make_run_dir(run_dir: Path, drop_quality: int | None = None,
                  extra_quality: bool = False) -> tuple[list[str], np.ndarray, np.ndarray]:
-    rows = _examples(train)
+    rows = qdit_pool()
     ids = [r["id"] for r in rows]
     z = np.load(DATA)
+    # the committed rows belong to these examples (regenerate with tests/data/make_qdit_embeddings.py)
+    assert z["source"].tolist() == [r["source"] for r in rows]
+    assert z["output_chars"].tolist() == [len(r["output"]) for r in rows]
     emb = z["embeddings"].astype(np.float32)
     raw = np.log1p(z["output_chars"].astype(np.float64))
     _write(run_dir, "ingest", "examples.parquet", pa.Table.from_pylist(rows, schema=EXAMPLE_SCHEMA))
@@ -82,8 +69,8 @@ def make_run_dir(run_dir: Path, train: Path, drop_quality: int | None = None,
 
 
 @pytest.fixture()
-def run_dir(tmp_path, shared_data):
-    make_run_dir(tmp_path, shared_data / "train")
+def run_dir(tmp_path):
+    make_run_dir(tmp_path)
     return tmp_path
 
 
@@ -163,10 +150,10 @@ class _Killed(Exception):
     pass
 
 
-def test_stage_resumes_after_a_kill(run_dir, tmp_path_factory, shared_data, monkeypatch, caplog):
+def test_stage_resumes_after_a_kill(run_dir, tmp_path_factory, monkeypatch, caplog):
     cfg = SelectConfig(k=40, alpha=0.5, checkpoint_every=8, memory_budget_mb=1)
     clean = tmp_path_factory.mktemp("clean")
-    make_run_dir(clean, shared_data / "train")
+    make_run_dir(clean)
     run_stages_select(cfg, clean)
 
     real_save = sel_stage.save_checkpoint
@@ -202,17 +189,17 @@ def test_stage_resumes_after_a_kill(run_dir, tmp_path_factory, shared_data, monk
     assert "ignoring" in caplog.text and "resuming" not in caplog.text
 
 
-def test_stage_rejects_mismatched_ids_and_large_k(tmp_path, shared_data):
+def test_stage_rejects_mismatched_ids_and_large_k(tmp_path):
     a = tmp_path / "a"
-    make_run_dir(a, shared_data / "train", drop_quality=5)
-    with pytest.raises(InputError, match=r"1 id\(s\) in .*embeddings.parquet have no quality score .*\(first: alpaca_en_demo/5;"):
+    make_run_dir(a, drop_quality=5)
+    with pytest.raises(InputError, match=r"1 id\(s\) in .*embeddings.parquet have no quality score .*\(first: sharegpt/5;"):
         run_stages_select(SelectConfig(k=10), a)
     b = tmp_path / "b"
-    make_run_dir(b, shared_data / "train", extra_quality=True)
+    make_run_dir(b, extra_quality=True)
     with pytest.raises(InputError, match=r"1 id\(s\) in .*quality.parquet have no embedding .*ghost/1"):
         run_stages_select(SelectConfig(k=10), b)
     c = tmp_path / "c"
-    make_run_dir(c, shared_data / "train")
+    make_run_dir(c)
     with pytest.raises(ConfigError, match=r"select.k=481 is larger than the pool \(480 examples"):
         run_stages_select(SelectConfig(k=481), c)
 
@@ -244,9 +231,9 @@ def test_two_actors_equal_single_process(ray_session):
     np.testing.assert_array_equal(res.ranking, single.ranking_)
 
 
-def test_stage_sharded_equals_local(run_dir, tmp_path_factory, shared_data, ray_session):
+def test_stage_sharded_equals_local(run_dir, tmp_path_factory, ray_session):
     local = tmp_path_factory.mktemp("local")
-    make_run_dir(local, shared_data / "train")
+    make_run_dir(local)
     base = SelectConfig(k=25, alpha=0.5, memory_budget_mb=1, checkpoint_every=0)
     run_stages_select(base, local)
     sharded = SelectConfig.model_validate(base.model_dump() | {"distributed": "sharded", "concurrency": 2,

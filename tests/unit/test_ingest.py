@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from packaged_data import pkg_source, records
 from stage_runs import run
 
 from mixray.config import IngestConfig
@@ -153,19 +155,24 @@ def test_skip_when_unchanged_recompute_when_input_or_config_changes(tmp_path, co
     assert m["skipped"] is False and m["counts"]["kept"] == 3
 
 
-def test_real_mdit_tasks(shared_data, tmp_path):
-    """The three MDIT tasks from ../shared/data/train load with their own field maps."""
-    t = shared_data / "train"
-    m, ex, rj = _ingest(tmp_path, [
-        {"name": "alpaca", "path": str(t / "alpaca_en_demo.json"), "task": "general"},
-        {"name": "gsm8k", "path": str(t / "gsm8k_train.jsonl"), "task": "math",
-         "fields": {"instruction": "question", "input": None, "output": "answer"}},
-        {"name": "code_alpaca", "path": str(t / "code_alpaca_2k.json"), "task": "code"},
-    ])
+def test_real_mdit_tasks(tmp_path):
+    """The three MDIT tasks from the data-carrying packages load through pkg:// with their field maps."""
+    m, ex, rj = _ingest(tmp_path, [pkg_source("general", "sharegpt", limit=2000),
+                                   pkg_source("math", "gsm8k"), pkg_source("code", "humaneval")])
     s = m["counts"]["sources"]
-    assert (s["alpaca"]["in"], s["gsm8k"]["in"], s["code_alpaca"]["in"]) == (999, 7473, 2017)
+    assert (s["sharegpt"]["in"], s["gsm8k"]["in"], s["humaneval"]["in"]) == (2000, 1319, 164)
+    assert (s["gsm8k"]["kept"], s["humaneval"]["kept"]) == (1319, 164)
     for c in s.values():
         assert c["in"] == c["kept"] + c["rejected"]
-    assert len(ex) + len(rj) == 999 + 7473 + 2017
+    assert len(ex) + len(rj) == 2000 + 1319 + 164
+    assert set(rj["reason"].to_pylist()) == {"bad_conversation"}  # no human turn + reply
     assert len(set(ex["id"].to_pylist())) == len(ex)
     assert set(ex["task"].to_pylist()) == {"general", "math", "code"}
+    # the same records as an independent reader of the packaged files, in file order
+    by_source = {k: ex.filter(pc.equal(ex["source"], k)) for k in ("sharegpt", "gsm8k", "humaneval")}
+    for source, task in (("sharegpt", "general"), ("gsm8k", "math"), ("humaneval", "code")):
+        t = by_source[source]
+        want = records(task, t.num_rows)
+        assert t["instruction"].to_pylist() == [r["instruction"] for r in want]
+        assert t["output"].to_pylist() == [r["output"] for r in want]
+    assert by_source["humaneval"]["id"][0].as_py() == "humaneval/HumanEval/0"

@@ -1,7 +1,7 @@
 """QDIT selection (mixray.algorithms.facility / qdit): golden tests on real embeddings.
 
-The embeddings are 480 real instructions (Alpaca demo, CodeAlpaca, GSM8K from
-../shared/data) embedded with the offline all-MiniLM-L6-v2 and committed as
+The embeddings are 480 real instructions (ShareGPT first turns, HumanEval prompts, GSM8K
+questions from the data-carrying packages, tests/packaged_data.py) embedded with the offline all-MiniLM-L6-v2 and committed as
 tests/data/qdit_minilm.npz (regenerate with tests/data/make_qdit_embeddings.py);
 the stand-in quality is log(length of the reference answer).
 """

@@ -23,8 +23,8 @@ from mixray.training.metrics import plot_loss_curves, read_metrics
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, shared_data):
-    return make_run_dir(tmp_path_factory.mktemp("train-unit"), shared_data)
+def run_dir(tmp_path_factory):
+    return make_run_dir(tmp_path_factory.mktemp("train-unit"))
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -38,7 +38,7 @@ def test_auto_picks_the_latest_selection_and_sources_resolve(run_dir):
     mixes = t.filter(t.column("is_mix"))
     assert mixes.column("id").to_pylist()[:2] == ["mix/0", "mix/1"]
     assert mixes.column("b_id").to_pylist()[0] == "gsm8k/0"
-    assert mixes.column("output_b").to_pylist()[0].endswith("#### 72")  # the real GSM8K answer
+    assert mixes.column("output_b").to_pylist()[0].endswith("#### 18")  # the real GSM8K answer
     t, _, counts = build_training_rows(_cfg(data="select"), run_dir)
     sel = pq.read_table(run_dir / "select" / "selection.parquet").sort_by("rank")
     assert t.column("id").to_pylist() == sel.column("id").to_pylist()  # in rank order
@@ -90,8 +90,8 @@ def test_sftmix_without_a_split_is_a_clear_error(run_dir):
         plan_job(_cfg(loss="sftmix", data="all", sftmix={"confidence": "nope"}), run_dir)
 
 
-def test_mdit_without_a_mix_plan_is_a_clear_error(run_dir, tmp_path, shared_data):
-    bare = make_run_dir(tmp_path, shared_data)
+def test_mdit_without_a_mix_plan_is_a_clear_error(run_dir, tmp_path):
+    bare = make_run_dir(tmp_path)
     (bare / "mix" / "manifest.json").unlink()
     with pytest.raises(InputError, match="mdit needs a mix plan"):
         plan_job(_cfg(loss="mdit", data="select"), bare)
@@ -104,8 +104,8 @@ def test_cluster_mixes_need_the_mdit_loss(run_dir):
         plan_job(_cfg(loss="ntp", data="cluster"), run_dir)
 
 
-def test_empty_or_too_small_training_set(run_dir, tmp_path, shared_data):
-    empty = make_run_dir(tmp_path, shared_data)
+def test_empty_or_too_small_training_set(run_dir, tmp_path):
+    empty = make_run_dir(tmp_path)
     write_stage_output(empty, "select", "selection.parquet",
                        pa.table({"id": pa.array([], pa.string()), "rank": pa.array([], pa.int64())}))
     with pytest.raises(InputError, match="training set is empty"):
@@ -114,9 +114,9 @@ def test_empty_or_too_small_training_set(run_dir, tmp_path, shared_data):
         plan_job(_cfg(data="select", micro_batch_size=8, grad_accum=2), run_dir)
 
 
-def test_unknown_selection_ids_name_the_file(run_dir, tmp_path, shared_data):
-    bad = make_run_dir(tmp_path, shared_data)
-    write_stage_output(bad, "select", "selection.parquet", pa.table({"id": ["alpaca/0", "ghost/1"], "rank": [0, 1]}))
+def test_unknown_selection_ids_name_the_file(run_dir, tmp_path):
+    bad = make_run_dir(tmp_path)
+    write_stage_output(bad, "select", "selection.parquet", pa.table({"id": ["sharegpt/0", "ghost/1"], "rank": [0, 1]}))
     with pytest.raises(InputError, match=r"select/selection.parquet: 1 id\(s\) are not in"):
         plan_job(_cfg(data="select"), bad)
 
