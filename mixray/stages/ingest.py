@@ -174,6 +174,14 @@ class Ingest(Stage):
     def check(self) -> None:
         self.paths = source_paths(self.section)
 
+    def config(self) -> dict:
+        # where a source lies is not part of the result (its content hash is): a moved checkout
+        # or a job's working-dir copy at another path does not re-ingest
+        data = self.section.model_dump(mode="json")
+        for src in data["sources"]:
+            src.pop("path")
+        return data
+
     def input_hashes(self) -> dict[str, str]:
         return {name: file_sha256(p) for name, p in self.paths.items()}
 

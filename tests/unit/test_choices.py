@@ -47,8 +47,10 @@ def test_config_literals_come_from_choices(model, field, values):
 def test_registries_have_exactly_the_choices():
     from mixray.models.callables import ENCODERS, SCORERS
     from mixray.stages import STAGES
+    from mixray.training.objectives import OBJECTIVES
 
     assert tuple(STAGES) == choices.STAGES  # in run order
+    assert set(OBJECTIVES) == set(choices.LOSSES)
     assert set(ENCODERS) == set(choices.ENCODERS)
     assert set(SCORERS) == set(choices.MODEL_SCORERS) == set(choices.SCORE_BACKENDS) - {"column"}
     assert set(TRAIN_PRESETS) == set(choices.TRAIN_PRESETS)

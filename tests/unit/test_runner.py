@@ -190,7 +190,8 @@ def test_cli_run_dir_that_is_a_file_and_non_utf8_config(tmp_path, capsys):
     assert "not UTF-8" in err and f"({bad})" in err and "Traceback" not in err
 
 
-def test_cli_algorithm_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+def test_cli_algorithm_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys,
+                                                                         monkeypatch):
     """select.device=cuda on a CPU machine: the algorithm layer's SelectionInputError, one line."""
     import numpy as np
     import torch
@@ -198,8 +199,7 @@ def test_cli_algorithm_errors_are_one_line_and_debug_shows_the_traceback(tmp_pat
     from mixray.errors import SelectionInputError
     from mixray.io.embeddings import embedding_array
 
-    if torch.cuda.is_available():
-        pytest.skip("needs a machine without CUDA")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine
     run_dir = tmp_path / "run"
     ids = [f"s/{i}" for i in range(4)]
     for stage, name, table in (
