@@ -34,7 +34,8 @@ LOSSES = ("ntp", "mdit", "sftmix")
 TRAIN_DATA = ("auto", "all", "select", "cluster")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRAIN_PRESETS = ("none", "sftmix", "mdit")
+SFTMIX_NORMALIZERS = ("shared", "separate")  # both SFTMix terms over one normaliser, or each over its own
 ZERO_STAGES = (0, 1, 2, 3)
 
 # the stages of a run, in run order (registry: mixray.stages.STAGES)
-STAGES = ("ingest", "embed", "score", "select", "mix", "cluster", "train")
+STAGES = ("ingest", "embed", "score", "select", "mix", "cluster", "dynamics", "train")

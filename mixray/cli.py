@@ -4,6 +4,7 @@
     mixray ingest   CONFIG [overrides] [--force]    sources -> examples.parquet + rejects
     mixray embed    CONFIG [overrides] [--force]    examples -> embeddings.parquet (Ray Data)
     mixray score    CONFIG [overrides] [--force]    examples -> quality.parquet (Ray Data)
+    mixray dynamics CONFIG [overrides] [--force]    SFTMix: reference run -> confidence.parquet
     mixray train    CONFIG [overrides] [--force]    selection -> fine-tuned model (Ray Train + DeepSpeed)
     mixray run      CONFIG [overrides] [--force]    every stage listed in ``stages``, in order
 
@@ -54,6 +55,8 @@ def _validate(cfg) -> list[str]:
     checks = [("embed.model", cfg.embed.model, "embed" in cfg.stages)]
     checks.append(("score.model", cfg.score.model, "score" in cfg.stages and cfg.score.backend != "column"))
     checks.append(("mix.model", cfg.mix.model, "mix" in cfg.stages))
+    given = cfg.dynamics.checkpoints is not None or cfg.dynamics.reference_run is not None
+    checks.append(("dynamics.model", cfg.reference_train().model, "dynamics" in cfg.stages and not given))
     checks.append(("train.model", cfg.train.model, "train" in cfg.stages))
     for setting, name, used in checks:
         if used:

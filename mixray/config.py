@@ -33,6 +33,7 @@ TrainLoss = Literal[choices.LOSSES]
 TrainData = Literal[choices.TRAIN_DATA]
 TrainPrecision = Literal[choices.PRECISIONS]
 TrainPreset = Literal[choices.TRAIN_PRESETS]
+SftMixNormalizer = Literal[choices.SFTMIX_NORMALIZERS]
 SelectMethod = Literal[choices.SELECT_METHODS]
 SelectOptimizer = Literal[choices.SELECT_OPTIMIZERS]
 SelectDistributed = Literal[choices.SELECT_DISTRIBUTED]
@@ -249,6 +250,9 @@ class DeepSpeedSettings(_Strict):
 class SftMixSettings(_Strict):
     alpha: float = Field(default=0.5, gt=0, description="λ ~ Beta(alpha, alpha) per pair")
     mu: float = Field(default=0.2, ge=0, description="weight of the Mixup term")
+    normalizer: SftMixNormalizer = Field(
+        default="shared", description="shared: NTP and Mixup sums both over the NTP token count "
+        "(the paper's eq. 5 times a constant); separate: each over its own token count")
     confidence: str | None = Field(
         default=None, description="the confident/unconfident split: a column of examples.parquet "
         "(bool, 'confident'/'unconfident', or a number split at the median), or a parquet file "
@@ -367,6 +371,50 @@ def _fill(data: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+class DynamicsConfig(ActorPoolConfig):
+    """SFTMix's training dynamics (docs/sftmix.md): a reference run with NTP, C checkpoints of it,
+    every example's mean response NLL at each on a Ray Data actor pool -> confidence split.
+
+    The reference run is the ``train`` section with ``loss: ntp`` (same examples, same
+    settings), ``model`` and the keys of ``train`` (``dynamics.train``) overriding it.
+    ``checkpoints`` (model/adapter directories) or ``reference_run`` (a directory of
+    ``step-<n>/`` exports, e.g. another run's ``dynamics/reference``) skip the training.
+    """
+
+    model: str | None = Field(default=None, description="the reference model; null = train.model")
+    train: dict[str, Any] = Field(
+        default_factory=dict, description="train keys that differ for the reference run, e.g. "
+        "{lr: 1e-4, epochs: 2, lora: {enabled: true}}; loss is always ntp")
+    num_checkpoints: int = Field(default=5, ge=1, description="C: evenly spaced over the reference run")
+    checkpoints: list[str] | None = Field(
+        default=None, min_length=1, description="given checkpoints (model or LoRA adapter "
+        "directories, in training order): scored as they are, nothing is trained")
+    reference_run: str | None = Field(
+        default=None, description="an existing reference run: a directory of step-<n>/ exports, "
+        "scored in step order, nothing is trained")
+    max_length: int | None = Field(default=None, ge=8, description="tokens per scored sequence; "
+                                   "null = the reference run's train max_length")
+    micro_batch: int = Field(default=4, ge=1, description="sequences per forward in a scoring actor")
+    batch_size: int = Field(default=64, ge=1, description="rows per Ray Data batch")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DynamicsConfig:
+        if self.checkpoints is not None and self.reference_run is not None:
+            raise ValueError("give checkpoints or reference_run, not both")
+        given = self.checkpoints is not None or self.reference_run is not None
+        for key in ("num_checkpoints", "model", "train"):
+            _only_for(self, key, not given, "a reference run trained here (no checkpoints or reference_run)")
+        bad = sorted(set(self.train) & {"loss", "preset", "sftmix", "mdit"})
+        if bad:
+            raise ValueError(f"train: {bad} cannot be set for the reference run (it trains with ntp; "
+                             "set the keys themselves instead of a preset)")
+        return self
+
+
+# train keys that do not carry over to the reference run of the dynamics stage
+_NOT_IN_REFERENCE = ("preset", "loss", "sftmix", "mdit", "fault_injection")
+
+
 class SelectConfig(_Strict):
     """QDIT selection (methods.md §1): K examples maximising (1-a)*d(A)/N + a*mean q(A).
 
@@ -434,6 +482,7 @@ class RunConfig(_Strict):
     select: SelectConfig = SelectConfig()
     mix: MixConfig = MixConfig()
     cluster: ClusterConfig = ClusterConfig()
+    dynamics: DynamicsConfig = DynamicsConfig()
     train: TrainConfig = TrainConfig()
 
     @field_validator("stages")
@@ -444,6 +493,25 @@ class RunConfig(_Strict):
         if order != sorted(set(order)):
             raise ValueError(f"stages must be unique and in the order {list(STAGE_ORDER)}")
         return v
+
+    @model_validator(mode="after")
+    def _reference_settings(self) -> RunConfig:
+        try:
+            self.reference_train()
+        except ValidationError as e:
+            raise ValueError(format_validation_error(e, "dynamics.train (the reference run)")) from None
+        return self
+
+    def reference_train(self) -> TrainConfig:
+        """The train settings of the dynamics stage's reference run (see ``DynamicsConfig``).
+
+        ``train`` without its loss-specific keys, ``dynamics.model`` and ``dynamics.train``
+        over it, ``loss: ntp``.
+        """
+        base = self.train.model_dump(mode="json", exclude=set(_NOT_IN_REFERENCE))
+        if self.dynamics.model is not None:
+            base["model"] = self.dynamics.model
+        return TrainConfig.model_validate(_fill(dict(self.dynamics.train), base) | {"loss": "ntp"})
 
 
 def section_hash(section: BaseModel | dict[str, Any]) -> str:
@@ -509,12 +577,13 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
 # (section path, key): "*" walks every element of a list.
 PATH_KEYS: tuple[tuple[str, ...], ...] = (
     ("ingest", "sources", "*", "path"), ("train", "deepspeed", "config_file"),
-    ("train", "mdit", "mix_plan"))
+    ("train", "mdit", "mix_plan"), ("dynamics", "checkpoints", "*"), ("dynamics", "reference_run"),
+    ("dynamics", "train", "deepspeed", "config_file"))
 # Keys that hold a file/directory OR a name (model alias, hub id, column): resolved only when
 # written as an explicit relative path (./x, ../x) or when that path exists beside the config.
 PATH_OR_NAME_KEYS: tuple[tuple[str, ...], ...] = (
     ("embed", "model"), ("score", "model"), ("mix", "model"), ("train", "model"),
-    ("train", "sftmix", "confidence"))
+    ("train", "sftmix", "confidence"), ("dynamics", "model"), ("dynamics", "train", "model"))
 
 
 def _anchor(value: Any, base: Path, name_or_path: bool) -> Any:

@@ -134,5 +134,20 @@ TRAIN_ROWS = Artifact("train", "rows.parquet", None,
 
 # ----------------------------------------------------------------------------- dynamics (SFTMix)
 
+SPLITS = ("confident", "unconfident")  # the values of CONFIDENCE's split column
+
+
+def confidence_schema(n_checkpoints: int) -> pa.Schema:
+    """``id, perp_1..perp_C, conf, variability, split`` (C = the number of checkpoints)."""
+    return pa.schema([("id", pa.string()),
+                      *((f"perp_{c}", pa.float64()) for c in range(1, n_checkpoints + 1)),
+                      ("conf", pa.float64()), ("variability", pa.float64()), ("split", pa.string())])
+
+
 CONFIDENCE = Artifact("dynamics", "confidence.parquet", None,
-                      "the SFTMix split: id + split ('confident'/'unconfident') or id + confidence")
+                      "the SFTMix split: id, perp_1..perp_C (mean response NLL per checkpoint), conf "
+                      "(−mean perp), variability (std of perp), split ('confident'/'unconfident'); "
+                      "schema: confidence_schema(C)")
+DATA_MAP = Artifact("dynamics", "data_map.png", None,
+                    "data map: confidence vs variability per example, coloured by split")
+CONFIDENCE_HIST = Artifact("dynamics", "confidence_hist.png", None, "histogram of conf by split")

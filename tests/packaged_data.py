@@ -63,13 +63,13 @@ def pkg_source(task: str, name: str | None = None, limit: int | None = None) -> 
     return src | ({"limit": limit} if limit else {})
 
 
-def _sharegpt(n: int) -> list[dict]:
-    """The first ``n`` conversations with a non-empty human turn followed by a non-empty reply."""
-    dec, out = json.JSONDecoder(), []
+def _sharegpt_conversations():
+    """Every complete conversation of the packaged ShareGPT file, in file order (a generator)."""
+    dec = json.JSONDecoder()
     with open(data_file("general"), encoding="utf-8") as f:
         buf = f.read(1 << 22)
         pos = buf.index("[") + 1
-        while len(out) < n:
+        while True:
             while pos < len(buf) and buf[pos] in " \r\n\t,":
                 pos += 1
             try:
@@ -77,16 +77,50 @@ def _sharegpt(n: int) -> list[dict]:
             except json.JSONDecodeError:
                 more = f.read(1 << 22)
                 if not more:
-                    break  # the packaged file's cut-off tail
+                    return  # the packaged file's cut-off tail
                 buf = buf[pos:] + more
                 pos = 0
                 continue
-            turns = conv["conversations"]
-            for user, reply in zip(turns, turns[1:], strict=False):
-                if (user["from"], reply["from"]) == ("human", "gpt") and user["value"].strip() \
-                        and reply["value"].strip():
-                    out.append({"instruction": user["value"], "input": "", "output": reply["value"]})
-                    break
+            yield conv
+
+
+def _sharegpt(n: int) -> list[dict]:
+    """The first ``n`` conversations with a non-empty human turn followed by a non-empty reply."""
+    out = []
+    for conv in _sharegpt_conversations():
+        if len(out) >= n:
+            break
+        turns = conv["conversations"]
+        for user, reply in zip(turns, turns[1:], strict=False):
+            if (user["from"], reply["from"]) == ("human", "gpt") and user["value"].strip() \
+                    and reply["value"].strip():
+                out.append({"instruction": user["value"], "input": "", "output": reply["value"]})
+                break
+    return out
+
+
+def conversations(n: int, replies: int = 2, max_chars: int = 1500) -> list[dict]:
+    """``n`` real multi-turn ShareGPT conversations: strict human/gpt alternation from a human turn,
+    at least ``replies`` non-empty replies, at most ``max_chars`` characters in all (small tests).
+
+    Each: ``{instruction, input, output, messages}`` in the example schema (``messages``: every turn
+    as ``{role, content}``; instruction/output: the first exchange, as ingest maps them).
+    """
+    role = {"human": "user", "gpt": "assistant"}
+    out = []
+    for conv in _sharegpt_conversations():
+        if len(out) >= n:
+            break
+        turns = conv["conversations"]
+        kinds = [t["from"] for t in turns]
+        if (len(turns) < 2 * replies or kinds != ["human", "gpt"] * (len(turns) // 2)
+                or not all(t["value"].strip() for t in turns) or sum(len(t["value"]) for t in turns) > max_chars):
+            continue
+        msgs = [{"role": role[t["from"]], "content": t["value"]} for t in turns]
+        out.append({"instruction": msgs[0]["content"], "input": "", "output": msgs[1]["content"],
+                    "messages": msgs})
+    if len(out) < n:
+        raise RuntimeError(f"asked for {n} multi-turn conversations, the package has {len(out)}")
     return out
 
 

@@ -11,8 +11,9 @@ Conventions (every function here):
   a ``normalizer``. By default the normalizer is this batch's own token count;
   the training loop passes the count of the whole accumulation window (all
   micro-batches, all ranks), so micro-batch 1 × accumulation 4 gives the same
-  gradient as micro-batch 4 × accumulation 1. Both SFTMix terms are token means,
-  so μ keeps its meaning whatever the batch size or response lengths.
+  gradient as micro-batch 4 × accumulation 1. SFTMix divides both of its terms
+  by that one NTP normaliser by default (the paper's eq. 5 times a constant), or
+  each by its own count (``normalization="separate"``, see ``sftmix_loss``).
 
 All V-wide work runs through ``mixed_rows_cross_entropy``: a cross-entropy
 over selected logit rows that never materialises a V-wide soft target, a
@@ -30,6 +31,8 @@ from __future__ import annotations
 import torch
 
 from mixray.algorithms.ifd import IGNORE_INDEX
+from mixray.choices import SFTMIX_NORMALIZERS
+from mixray.errors import TrainingConfigError
 
 __all__ = [
     "IGNORE_INDEX",
@@ -41,6 +44,7 @@ __all__ = [
     "mixup_target_mass",
     "next_token_targets",
     "ntp_loss",
+    "row_mean_nll",
     "sftmix_loss",
     "sftmix_pair_positions",
     "token_count",
@@ -275,6 +279,29 @@ def ntp_loss(logits: torch.Tensor, targets: torch.Tensor, normalizer=None,
                                     chunk_rows=chunk_rows)[0]
 
 
+@torch.no_grad()
+def row_mean_nll(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
+    """Mean next-token NLL of each row over its valid targets (no gradient): ``[B]`` float.
+
+    ``logits [B, T, V]``, ``targets [B, T]`` (``IGNORE_INDEX`` elsewhere) ->
+    ``out[b] = (1/N_b)·Σ_{t: targets[b,t] valid} −log_softmax(logits[b, t])[targets[b, t]]``,
+    NaN for a row without a valid target. SFTMix's ``Perp_c`` and IFD's losses are this
+    over the response tokens. Runs through ``mixed_rows_cross_entropy`` (chunks of
+    logit rows, no ``log_softmax`` copy of the logits). Naive equivalent:
+    ``F.cross_entropy(logits[b], targets[b], ignore_index=-100)`` per row.
+    """
+    B, T, V = logits.shape
+    flat = targets.reshape(-1)
+    rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+    row_of = torch.div(rows, T, rounding_mode="floor")
+    weight = torch.ones(rows.numel(), dtype=torch.promote_types(logits.dtype, torch.float32),
+                        device=logits.device)
+    sums = mixed_rows_cross_entropy(logits.reshape(B * T, V), rows, flat[rows], weight, group=row_of,
+                                    n_groups=B, chunk_rows=chunk_rows)[1]
+    n = torch.bincount(row_of, minlength=B).to(sums.dtype)
+    return torch.where(n > 0, sums / n.clamp_min(1), torch.full_like(sums, float("nan")))
+
+
 def mixup_target_mass(targets_a: torch.Tensor, targets_b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """Total soft-target mass ``Σ_i λ_i·N_a(i) + (1−λ_i)·N_b(i)`` (the MDIT normalizer).
 
@@ -382,24 +409,39 @@ def sftmix_loss(
     ntp_normalizer=None,
     mix_normalizer=None,
     chunk_rows: int | None = None,
+    normalization: str = "shared",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SFTMix from one forward pass: ``(NTP + μ·Mixup, NTP, Mixup)``.
 
     ``logits [B, T, V]``, ``targets [B, T]`` for all B examples (confident and
     unconfident); ``conf_rows, unconf_rows [P]`` pair batch rows one-to-one;
     ``lam [P]`` ~ Beta(α, α). With ``Z^c_n, Z^u_n`` the logits predicting the
-    n-th response token of each side and ``N'_i = min(N^c_i, N^u_i)``::
+    n-th response token of each side and ``N'_i = min(N^c_i, N^u_i)``, the sums of
+    the paper's eq. 5::
 
-        Z̃_n   = λ·Z^c_n + (1−λ)·Z^u_n
-        Mixup = Σ_i Σ_{n≤N'_i} [ λ_i·CE(Z̃_n, y^c_n) + (1−λ_i)·CE(Z̃_n, y^u_n) ] / Σ_i N'_i
-        NTP   = token-mean CE over every valid target of all B rows (``ntp_loss``)
+        Z̃_n     = λ·Z^c_n + (1−λ)·Z^u_n
+        S_mix   = Σ_i Σ_{n≤N'_i} [ λ_i·CE(Z̃_n, y^c_n) + (1−λ_i)·CE(Z̃_n, y^u_n) ]
+        S_ntp   = Σ over every valid target of all B rows of CE(z, y)
 
-    Both are token means (normalizers default to this batch's counts). One
-    fused, chunked kernel computes both terms; nothing V-wide is duplicated.
+    ``normalization``:
+
+    - ``"shared"`` (the paper): one normaliser for both terms,
+      ``NTP = S_ntp / N``, ``Mixup = S_mix / N`` with ``N = ntp_normalizer`` (default:
+      this batch's NTP token count); the total ``(S_ntp + μ·S_mix) / N`` is eq. 5's
+      ``ℓ_NTP + μ·ℓ_Mixup`` (sum form) times the constant ``1/N``, so μ means what it
+      means in the paper. ``mix_normalizer`` is not used.
+    - ``"separate"``: each term over its own count, ``NTP = S_ntp / ntp_normalizer``,
+      ``Mixup = S_mix / mix_normalizer`` (default ``Σ_i N'_i``): both are token
+      means, and μ weighs the Mixup term ``N / Σ N'_i ≥ 2`` times more than eq. 5.
+
+    One fused, chunked kernel computes both terms; nothing V-wide is duplicated.
     ``NTP`` and ``Mixup`` are values (no gradient); the total carries it.
     Naive equivalent: gather ``Z^c, Z^u [N', V]`` per pair, mix, and take
     ``-Σ Ỹ·log_softmax(Z̃)`` with ``Ỹ = λ·onehot(y^c) + (1−λ)·onehot(y^u)``.
     """
+    if normalization not in SFTMIX_NORMALIZERS:
+        raise TrainingConfigError(f"sftmix normalization {normalization!r}; allowed: {list(SFTMIX_NORMALIZERS)}",
+                                  where="train.sftmix.normalizer")
     B, T, V = logits.shape
     flat = targets.reshape(-1)
     dev = logits.device
@@ -407,7 +449,8 @@ def sftmix_loss(
     ntp_rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)
     flat_c, flat_u, pair = sftmix_pair_positions(targets, conf_rows, unconf_rows)
     n_ntp = _as_normalizer(ntp_normalizer, torch.tensor(float(ntp_rows.numel()), dtype=ftype, device=dev))
-    n_mix = _as_normalizer(mix_normalizer, torch.tensor(float(flat_c.numel()), dtype=ftype, device=dev))
+    n_mix = n_ntp if normalization == "shared" else _as_normalizer(
+        mix_normalizer, torch.tensor(float(flat_c.numel()), dtype=ftype, device=dev))
     lam_m = lam.to(ftype)[pair]
     k, m = ntp_rows.numel(), flat_c.numel()
     rows_a = torch.cat([ntp_rows, flat_c])

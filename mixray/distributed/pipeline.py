@@ -87,3 +87,19 @@ def read_examples(path: str, columns: list[str], rows_per_block: int, rows=None)
     if not refs:
         raise InputError(f"{path} has no rows")
     return ray.data.from_arrow_refs(refs)
+
+
+def table_dataset(table: pa.Table, rows_per_block: int):
+    """An in-memory table as a Ray Data dataset of ``rows_per_block``-row blocks, in table order.
+
+    Blocks go into the object store from the driver (``ray.put``), as in ``read_examples``,
+    so an actor pool that takes every CPU cannot starve a read task. The returned
+    dataset can be mapped several times (one pool per model) without re-reading.
+    """
+    import ray
+
+    if table.num_rows == 0:
+        raise InputError("no rows to process")
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    refs = [ray.put(table.slice(s, rows_per_block)) for s in range(0, table.num_rows, rows_per_block)]
+    return ray.data.from_arrow_refs(refs)

@@ -3,7 +3,9 @@
 They know nothing about Ray (NeMo Curator's pattern): ``mixray.distributed``
 hands them to a Ray Data actor pool, tests and benchmarks call them directly.
 A batch is ``dict[str, np.ndarray]`` with at least ``id, instruction, input,
-output``; the result has ``id`` plus the computed columns, one row per input row.
+output`` (and ``messages``, the turns of multi-turn examples, for the models that
+take a response loss); the result has ``id`` plus the computed columns, one row
+per input row.
 
 Device: CUDA when the actor has a GPU, CPU otherwise (chosen at run time).
 """
@@ -16,11 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mixray.algorithms.batching import truncate_pair
-from mixray.algorithms.ifd import IGNORE_INDEX, ifd_quality, ifd_ratio, response_mean_loss
+from mixray.algorithms.batching import Response, sft_batch
+from mixray.algorithms.ifd import ifd_quality, ifd_ratio
+from mixray.algorithms.losses import row_mean_nll
 from mixray.algorithms.pooling import l2_normalize, last_token, mean_pool
 from mixray.models.registry import resolve_model
-from mixray.models.text import build_texts, instruction_text, prompt_text
+from mixray.models.sft import encode_example
+from mixray.models.sft import load_tokenizer as _load_tokenizer
+from mixray.models.text import build_texts, instruction_text
 
 log = logging.getLogger("mixray.models")
 
@@ -36,15 +41,6 @@ def _device(threads: int | None) -> torch.device:
 def _texts(batch: dict[str, np.ndarray], kind: str) -> list[str]:
     return build_texts(kind, batch["instruction"].tolist(), batch["input"].tolist(),
                        batch["output"].tolist())
-
-
-def _load_tokenizer(path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 class SentenceEncoder:
@@ -168,66 +164,81 @@ ENCODERS = {
 }
 
 
+@torch.no_grad()
+def response_losses(model, seqs: list[tuple[list[int], Response]], pad_id: int, micro_batch: int,
+                    device: torch.device) -> torch.Tensor:
+    """Mean response NLL of each sequence under ``model`` -> ``[len(seqs)]`` float32 (CPU).
+
+    ``seqs[i] = (ids, response)`` with the response as ``n_prompt`` or flat spans
+    (``mixray.algorithms.batching``)::
+
+        out[i] = −(1/N_i)·Σ_{n=1..N_i} log p(y_n | x, y_<n)      over the N_i response tokens
+
+    SFTMix's ``Perp_c`` and both IFD losses are this function. Micro-batches of
+    ``micro_batch`` sequences sorted by length keep padding and the ``[b, T, V]``
+    logits small; right padding, so the result does not depend on the batching.
+    """
+    out = torch.empty(len(seqs))
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    for s in range(0, len(order), micro_batch):
+        idx = order[s : s + micro_batch]
+        mb = sft_batch([seqs[i][0] for i in idx], [seqs[i][1] for i in idx], pad_id)
+        logits = model(input_ids=mb["input_ids"].to(device),
+                       attention_mask=mb["attention_mask"].to(device)).logits
+        out[idx] = row_mean_nll(logits, mb["targets"].to(device)).float().cpu()
+    return out
+
+
+def _load_causal_lm(model_path: str, device: torch.device, trust_remote_code: bool = False):
+    """A causal LM (or a LoRA adapter on its base) in eval mode: bf16 on CUDA, float32 on CPU."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=dtype, trust_remote_code=trust_remote_code).to(device).eval()
+
+
+def _encoded(tok, batch: dict[str, np.ndarray], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(ids, response spans) of each row: the training encoding (``encode_example``)."""
+    msgs = batch.get("messages")
+    out = []
+    for i, (ins, inp, o) in enumerate(zip(batch["instruction"], batch["input"], batch["output"], strict=True)):
+        m = msgs[i] if msgs is not None else None
+        ids, spans, _ = encode_example(tok, ins, inp, o, max_length, None if m is None else list(m))
+        out.append((ids, spans))
+    return out
+
+
 class IFDScorer:
     """IFD from a causal LM: ``raw = L(y|x) / L(y)``, ``score = ifd_quality(raw)``.
 
-    Two forward passes per example (with and without the instruction), in
-    micro-batches sorted by length to keep padding and the ``[b, T, V]``
-    logits small.
+    ``y`` is the response as training sees it (``encode_example``: every assistant
+    turn + EOS). ``L(y|x)``: its mean loss in the example's sequence; ``L(y)``: in a
+    sequence of BOS (EOS if none) followed by the response tokens alone. Both
+    through ``response_losses``.
     """
 
     backend = "ifd"
 
     def __init__(self, model_path: str, max_length: int = 512, micro_batch: int = 4,
                  threads: int | None = None, trust_remote_code: bool = False):
-        from transformers import AutoModelForCausalLM
-
         self.device = _device(threads)
         model_path = resolve_model(model_path)
         self.tok = _load_tokenizer(model_path, trust_remote_code)
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.model = _load_causal_lm(model_path, self.device, trust_remote_code)
         self.max_length, self.micro = max_length, micro_batch
         prefix = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
         self.prefix = [int(prefix)]
 
-    def _pairs(self, batch: dict[str, np.ndarray]) -> list[tuple[list[int], list[int]]]:
-        """(prompt ids, response ids) per row, truncated to ``max_length`` in total."""
-        pairs = []
-        for ins, inp, out in zip(batch["instruction"], batch["input"], batch["output"], strict=True):
-            p = self.tok(prompt_text(self.tok, ins, inp), add_special_tokens=False)["input_ids"]
-            r = self.tok(out, add_special_tokens=False)["input_ids"]
-            p, r, _ = truncate_pair(p, r, self.max_length)  # the prompt's end, ≥ half for the response
-            pairs.append((p, r))
-        return pairs
-
-    @torch.no_grad()
-    def _losses(self, seqs: list[tuple[list[int], list[int]]]) -> torch.Tensor:
-        """Mean response loss of each (context, response) sequence -> ``[len(seqs)]``."""
-        out = torch.empty(len(seqs))
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
-        pad = self.tok.pad_token_id
-        for s in range(0, len(order), self.micro):
-            idx = order[s : s + self.micro]
-            T = max(len(seqs[i][0]) + len(seqs[i][1]) for i in idx)
-            ids = torch.full((len(idx), T), pad, dtype=torch.long)
-            labels = torch.full((len(idx), T), IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((len(idx), T), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ctx, resp = seqs[i]
-                n = len(ctx) + len(resp)
-                ids[row, :n] = torch.tensor(ctx + resp)
-                labels[row, len(ctx) : n] = torch.tensor(resp)
-                mask[row, :n] = 1
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            out[idx] = response_mean_loss(logits, labels.to(self.device)).float().cpu()
-        return out
-
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pairs = self._pairs(batch)
-        with_x = self._losses(pairs)
-        without_x = self._losses([(self.prefix, r) for _, r in pairs])
+        seqs = _encoded(self.tok, batch, self.max_length)
+        alone = []
+        for ids, spans in seqs:
+            response = [t for s, e in zip(spans[::2], spans[1::2], strict=True) for t in ids[s:e]]
+            alone.append((self.prefix + response, len(self.prefix)))
+        pad = self.tok.pad_token_id
+        with_x = response_losses(self.model, seqs, pad, self.micro, self.device)
+        without_x = response_losses(self.model, alone, pad, self.micro, self.device)
         ifd = ifd_ratio(with_x, without_x)
         return {
             "id": batch["id"],
@@ -236,6 +247,30 @@ class IFDScorer:
             "loss_with_instruction": with_x.double().numpy(),
             "loss_without_instruction": without_x.double().numpy(),
         }
+
+
+class ResponseLossScorer:
+    """One checkpoint's mean response NLL of every example: SFTMix's ``Perp_c`` (``perp``).
+
+    The sequences are the training encoding (``encode_example``, the same
+    ``max_length`` as the reference run), the loss is ``response_losses``: the same
+    code as IFD's. ``model_path``: a model directory or a LoRA adapter directory
+    (loaded on its base model). Also returns ``response_tokens`` (N_i).
+    """
+
+    def __init__(self, model_path: str, max_length: int = 512, micro_batch: int = 4,
+                 threads: int | None = None, trust_remote_code: bool = False):
+        self.device = _device(threads)
+        self.tok = _load_tokenizer(model_path, trust_remote_code)
+        self.model = _load_causal_lm(model_path, self.device, trust_remote_code)
+        self.max_length, self.micro = max_length, micro_batch
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seqs = _encoded(self.tok, batch, self.max_length)
+        perp = response_losses(self.model, seqs, self.tok.pad_token_id, self.micro, self.device)
+        n = [sum(e - s for s, e in zip(sp[::2], sp[1::2], strict=True)) for _, sp in seqs]
+        return {"id": batch["id"], "perp": perp.double().numpy(),
+                "response_tokens": np.asarray(n, dtype=np.int64)}
 
 
 class RewardModelScorer:

@@ -1,13 +1,19 @@
-"""Supervised fine-tuning examples -> token ids (prompt by the chat template or Alpaca).
+"""Supervised fine-tuning examples -> token ids and response spans (chat template or Alpaca).
+
+``encode_example`` is the one encoding of an example that training, IFD and
+SFTMix's training dynamics share: the example's conversation
+(``mixray.models.text.conversation``: one exchange, or every turn of a multi-turn
+example) cut into segments by ``prompt_segments``, each ``prompt + response +
+EOS``. The *response* is every assistant turn's tokens and its EOS; it is
+returned as flat token spans ``[s_0, e_0, s_1, e_1, ...]`` (``ids[s_k:e_k]`` is
+the k-th response), which ``mixray.algorithms.batching`` turns into targets.
+A single exchange is ``prompt_text`` (the model's chat template with one user
+turn, or the Alpaca template) followed by the response and EOS.
 
 ``SFTEncoder`` is a Ray Data batch callable (it knows nothing about Ray): its
 ``__init__`` loads the tokenizer, ``__call__`` maps a pyarrow batch of training
-rows (``instruction_a, input_a, output_a`` and, for an MDIT mix, the ``_b``
-side) to ``ids_a, prompt_a, ids_b, prompt_b, truncated``. A sequence is the
-prompt (``prompt_text``: the model's chat template with one user turn when it
-has one, the Alpaca template otherwise) followed by the response and the
-end-of-sequence token; ``prompt_*`` counts the prompt tokens, so the loss
-covers the response tokens only. ``truncate_pair`` fits both into ``max_length``.
+rows (``instruction_a, input_a, output_a, messages_a`` and, for an MDIT mix,
+the ``_b`` side) to ``ids_a, spans_a, ids_b, spans_b, truncated``.
 """
 
 from __future__ import annotations
@@ -15,24 +21,57 @@ from __future__ import annotations
 import pyarrow as pa
 
 from mixray.algorithms.batching import truncate_pair
-from mixray.models.callables import _load_tokenizer as load_tokenizer  # pad token = EOS if unset
-from mixray.models.text import prompt_text
+from mixray.models.text import conversation, prompt_segments, prompt_text
 
 __all__ = ["SFTEncoder", "encode_example", "load_tokenizer"]
 
-TOKEN_COLUMNS = ("ids_a", "prompt_a", "ids_b", "prompt_b", "truncated")
+TOKEN_COLUMNS = ("ids_a", "spans_a", "ids_b", "spans_b", "truncated")
 
 
-def encode_example(tok, instruction: str, input_: str, output: str, max_length: int) -> tuple[list[int], int, bool]:
-    """One example -> ``(ids, n_prompt, truncated)`` with ``ids = prompt + response + [eos]``."""
-    # A chat template spells out its own special tokens; the Alpaca text gets the tokenizer's BOS.
-    special = not getattr(tok, "chat_template", None)
-    prompt = tok(prompt_text(tok, instruction, input_), add_special_tokens=special)["input_ids"]
-    response = tok(output, add_special_tokens=False)["input_ids"]
-    if tok.eos_token_id is not None:
-        response = response + [tok.eos_token_id]
-    prompt, response, cut = truncate_pair(prompt, response, max_length)
-    return prompt + response, len(prompt), cut
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The model's tokenizer; its pad token is EOS when it has none."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def encode_example(tok, instruction: str, input_: str, output: str, max_length: int,
+                   messages=None) -> tuple[list[int], list[int], bool]:
+    """One example -> ``(ids, spans, truncated)``; ``spans``: the flat response spans.
+
+    The first exchange is fitted by ``truncate_pair`` (the prompt keeps its end, the
+    response at least half the budget); later turns follow while they fit, the last
+    one cut at ``max_length`` (a turn whose prompt leaves no room is dropped).
+    ``truncated``: anything was cut or dropped.
+    """
+    special = not getattr(tok, "chat_template", None)  # the Alpaca text gets the tokenizer's BOS
+    single = messages is None or len(messages) == 0
+    segments = prompt_segments(tok, conversation(instruction, input_, output, messages),
+                               first_prompt=prompt_text(tok, instruction, input_) if single else None)
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    ids: list[int] = []
+    spans: list[int] = []
+    cut = False
+    for k, (prompt_str, response_str) in enumerate(segments):
+        prompt = tok(prompt_str, add_special_tokens=special and k == 0)["input_ids"]
+        response = tok(response_str, add_special_tokens=False)["input_ids"] + eos
+        if k == 0:
+            prompt, response, cut = truncate_pair(prompt, response, max_length)
+        else:
+            room = max_length - len(ids) - len(prompt)
+            if room < 1:
+                cut = True
+                break
+            cut = len(response) > room
+            response = response[:room]
+        spans += [len(ids) + len(prompt), len(ids) + len(prompt) + len(response)]
+        ids += prompt + response
+        if cut:
+            break
+    return ids, spans, cut
 
 
 class SFTEncoder:
@@ -42,29 +81,33 @@ class SFTEncoder:
         self.tok = load_tokenizer(model_path, trust_remote_code)
         self.max_length = max_length
 
+    def _side(self, cols: dict, side: str, i: int) -> tuple[list[int], list[int], bool]:
+        turns = cols.get(f"messages_{side}")  # absent from rows of single-turn data
+        messages = turns[i] if turns is not None else None
+        return encode_example(self.tok, cols[f"instruction_{side}"][i], cols[f"input_{side}"][i],
+                              cols[f"output_{side}"][i], self.max_length, messages)
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         cols = batch.to_pydict()
         out = {k: [] for k in TOKEN_COLUMNS}
         for i in range(batch.num_rows):
-            ids, n_p, cut = encode_example(self.tok, cols["instruction_a"][i], cols["input_a"][i],
-                                           cols["output_a"][i], self.max_length)
+            ids, spans, cut = self._side(cols, "a", i)
             out["ids_a"].append(ids)
-            out["prompt_a"].append(n_p)
+            out["spans_a"].append(spans)
             n_cut = int(cut)
             if cols["is_mix"][i]:
-                ids, n_p, cut = encode_example(self.tok, cols["instruction_b"][i], cols["input_b"][i],
-                                               cols["output_b"][i], self.max_length)
+                ids, spans, cut = self._side(cols, "b", i)
                 n_cut += int(cut)
             else:
-                ids, n_p = [], 0
+                ids, spans = [], []
             out["ids_b"].append(ids)
-            out["prompt_b"].append(n_p)
+            out["spans_b"].append(spans)
             out["truncated"].append(n_cut)
         keep = [c for c in batch.column_names if c not in TOKEN_COLUMNS and not c.startswith(
-            ("instruction_", "input_", "output_"))]
+            ("instruction_", "input_", "output_", "messages_"))]
         table = batch.select(keep)
-        for name, typ in (("ids_a", pa.list_(pa.int32())), ("prompt_a", pa.int32()),
-                          ("ids_b", pa.list_(pa.int32())), ("prompt_b", pa.int32()),
+        for name, typ in (("ids_a", pa.list_(pa.int32())), ("spans_a", pa.list_(pa.int32())),
+                          ("ids_b", pa.list_(pa.int32())), ("spans_b", pa.list_(pa.int32())),
                           ("truncated", pa.int8())):
             table = table.append_column(name, pa.array(out[name], typ))
         return table

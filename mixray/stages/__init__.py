@@ -21,6 +21,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "select": ("mixray.stages.select:Select", "pick K examples by quality + diversity (QDIT)"),
     "mix": ("mixray.stages.mix:Mix", "MDIT: plan cross-task mixes (pairs of similar length, λ) -> mix_plan.parquet"),
     "cluster": ("mixray.stages.cluster:Cluster", "MDIT: KMeans on originals + mixes over Ray actors, keep the nearest -> selection.parquet"),
+    "dynamics": ("mixray.stages.dynamics:Dynamics", "SFTMix: train a reference model, score every example at C checkpoints -> confident/unconfident split"),
     "train": ("mixray.stages.train:Train", "fine-tune on Ray Train + DeepSpeed (loss ntp | mdit | sftmix)"),
 }
 

@@ -60,12 +60,14 @@ from mixray.contracts import (
 from mixray.errors import ConfigError, InputError
 from mixray.io.rundir import file_sha256, fingerprint, output_hash, read_manifest, write_table
 from mixray.models.registry import check_model
+from mixray.schema import EXAMPLE_SCHEMA
 from mixray.stages.runner import Outputs, Stage
 from mixray.training.metrics import plot_loss_curves, read_metrics
 
 log = logging.getLogger("mixray.train")
 
 _TEXT = ("instruction", "input", "output")
+_MESSAGES = EXAMPLE_SCHEMA.field("messages").type  # the turns of a multi-turn example
 _GROUP_NAMES = {"confident": True, "unconfident": False}
 
 
@@ -87,7 +89,7 @@ def resolve_data_source(cfg: TrainConfig, run_dir: Path) -> str:
 
 
 def _read_examples(path: Path) -> pa.Table:
-    return pq.read_table(path, columns=["id", *_TEXT])
+    return pq.read_table(path, columns=["id", *_TEXT, "messages"])
 
 
 def _take_ids(examples: pa.Table, ids: list[str], where: str) -> pa.Table:
@@ -109,7 +111,7 @@ def _mix_rows(examples: pa.Table, mix_ids: list[str], a_ids: list[str], b_ids: l
         raise InputError(f"{where}: lam must be in [0, 1]")
     out = {"id": list(mix_ids), "is_mix": [True] * len(mix_ids), "a_id": list(a_ids),
            "b_id": list(b_ids), "lam": lam.tolist()}
-    for c in _TEXT:
+    for c in (*_TEXT, "messages"):
         out[f"{c}_a"] = a.column(c).to_pylist()
         out[f"{c}_b"] = b.column(c).to_pylist()
     return out
@@ -122,6 +124,7 @@ def _original_rows(t: pa.Table) -> dict[str, list]:
     for c in _TEXT:
         out[f"{c}_a"] = t.column(c).to_pylist()
         out[f"{c}_b"] = [""] * n
+    out["messages_a"], out["messages_b"] = t.column("messages").to_pylist(), [None] * n
     return out
 
 
@@ -142,10 +145,11 @@ def _confidence_path(cfg: TrainConfig, run_dir: Path, example_columns: list[str]
     spec = cfg.sftmix.confidence
     if spec is None:
         p = CONFIDENCE.path(run_dir)
-        if not p.is_file():
+        if not _complete_output(run_dir, CONFIDENCE):
             raise InputError(
-                "train.loss=sftmix needs a confident/unconfident split: set train.sftmix.confidence to a "
-                f"column of {EXAMPLES.name} or a parquet file (id + confidence, or id + split), or produce {p}")
+                f"train.loss=sftmix needs a confident/unconfident split: run the dynamics stage (it writes "
+                f"{p}), or set train.sftmix.confidence to a column of {EXAMPLES.name} or a parquet file "
+                "(id + confidence, or id + split)")
         return "file", p
     if spec in example_columns:
         return "column", None
@@ -202,11 +206,68 @@ def _sftmix_groups(cfg: TrainConfig, run_dir: Path, examples_path: Path, ids: li
     return np.where(confident, CONFIDENT, UNCONFIDENT).astype(np.int8), h
 
 
+def _selection_rows(cfg: TrainConfig, run_dir: Path, examples: pa.Table, source: str,
+                    inputs: dict[str, str]) -> tuple[pa.Table, dict[str, list] | None]:
+    """(original examples, mixes or None) of a QDIT or MDIT selection, in rank order."""
+    artifact = next(a for a in SELECTIONS if a.stage == source)
+    sel_path = artifact.path(run_dir)
+    inputs["selection"] = output_hash(run_dir / source, artifact.name)
+    sel = pq.read_table(sel_path)
+    if "id" not in sel.column_names:
+        raise InputError(f"{sel_path}: no id column (has {sel.column_names})")
+    if "rank" in sel.column_names:
+        sel = sel.sort_by("rank")
+    if source != "cluster":
+        return _take_ids(examples, sel.column("id").to_pylist(), str(sel_path)), None
+    need = {"is_mix", "a_id", "b_id", "lam"} - set(sel.column_names)
+    if need:
+        raise InputError(f"{sel_path}: missing columns {sorted(need)}")
+    is_mix = np.asarray(sel.column("is_mix").to_pylist(), dtype=bool)
+    orig_ids = [i for i, m in zip(sel.column("id").to_pylist(), is_mix, strict=True) if not m]
+    m = sel.filter(pa.array(is_mix))
+    if m.num_rows and cfg.loss != "mdit":
+        raise ConfigError(
+            f"train.data=cluster: {sel_path} holds {m.num_rows} mixed samples, which only "
+            f"train.loss=mdit can train on (loss is {cfg.loss}); use train.data=select/all")
+    mixes = _mix_rows(examples, m.column("id").to_pylist(), m.column("a_id").to_pylist(),
+                      m.column("b_id").to_pylist(), m.column("lam").to_pylist(), str(sel_path))
+    return _take_ids(examples, orig_ids, str(sel_path)), mixes
+
+
+def _plan_mixes(cfg: TrainConfig, run_dir: Path, examples: pa.Table, originals: pa.Table,
+                inputs: dict[str, str]) -> dict[str, list]:
+    """The mix plan's mixes whose two examples are both in ``originals`` (MDIT on all/select)."""
+    plan_path, inputs["mix_plan"] = _mix_plan_path(cfg, run_dir)
+    plan = pq.read_table(plan_path)
+    need = {"mix_id", "a_id", "b_id", "lam"} - set(plan.column_names)
+    if need:
+        raise InputError(f"{plan_path}: missing columns {sorted(need)}")
+    have = set(originals.column("id").to_pylist())
+    keep = [a in have and b in have for a, b in zip(plan.column("a_id").to_pylist(),
+                                                     plan.column("b_id").to_pylist(), strict=True)]
+    plan = plan.filter(pa.array(keep, pa.bool_()))
+    return _mix_rows(examples, plan.column("mix_id").to_pylist(), plan.column("a_id").to_pylist(),
+                     plan.column("b_id").to_pylist(), plan.column("lam").to_pylist(), str(plan_path))
+
+
+def _rows_table(rows: dict[str, list], groups: np.ndarray) -> pa.Table:
+    n = len(rows["id"])
+    cols = {"row": pa.array(np.arange(n, dtype=np.int64)), "group": pa.array(groups),
+            "id": pa.array(rows["id"], pa.string()), "is_mix": pa.array(rows["is_mix"], pa.bool_()),
+            "a_id": pa.array(rows["a_id"], pa.string()), "b_id": pa.array(rows["b_id"], pa.string()),
+            "lam": pa.array(rows["lam"], pa.float32())}
+    for side in ("a", "b"):
+        cols |= {f"{c}_{side}": pa.array(rows[f"{c}_{side}"], pa.string()) for c in _TEXT}
+        cols[f"messages_{side}"] = pa.array(rows[f"messages_{side}"], _MESSAGES)
+    return pa.table(cols)
+
+
 def build_training_rows(cfg: TrainConfig, run_dir: Path) -> tuple[pa.Table, dict[str, str], dict[str, Any]]:
     """The training rows (text of both sides), the input hashes, and counts.
 
     Columns: ``row, id, is_mix, a_id, b_id, lam, group, instruction_a, input_a,
-    output_a, instruction_b, input_b, output_b`` (the ``_b`` side empty for originals).
+    output_a, messages_a, instruction_b, input_b, output_b, messages_b`` (the ``_b``
+    side empty for originals; ``messages`` null for single-turn examples).
     """
     from mixray.algorithms.sampling import UNPAIRED
 
@@ -214,73 +275,28 @@ def build_training_rows(cfg: TrainConfig, run_dir: Path) -> tuple[pa.Table, dict
     inputs = {"examples": output_hash(run_dir / EXAMPLES.stage, EXAMPLES.name)}
     source = resolve_data_source(cfg, run_dir)
     examples = _read_examples(examples_path)
-    mixes: dict[str, list] | None = None
-    if source == "all":
-        originals = examples
-    else:
-        artifact = next(a for a in SELECTIONS if a.stage == source)
-        sel_path = artifact.path(run_dir)
-        inputs["selection"] = output_hash(run_dir / source, artifact.name)
-        sel = pq.read_table(sel_path)
-        if "id" not in sel.column_names:
-            raise InputError(f"{sel_path}: no id column (has {sel.column_names})")
-        if "rank" in sel.column_names:
-            sel = sel.sort_by("rank")
-        if source == "cluster":
-            need = {"is_mix", "a_id", "b_id", "lam"} - set(sel.column_names)
-            if need:
-                raise InputError(f"{sel_path}: missing columns {sorted(need)}")
-            is_mix = np.asarray(sel.column("is_mix").to_pylist(), dtype=bool)
-            orig_ids = [i for i, m in zip(sel.column("id").to_pylist(), is_mix, strict=True) if not m]
-            originals = _take_ids(examples, orig_ids, str(sel_path))
-            m = sel.filter(pa.array(is_mix))
-            if m.num_rows and cfg.loss != "mdit":
-                raise ConfigError(
-                    f"train.data=cluster: {sel_path} holds {m.num_rows} mixed samples, which only "
-                    f"train.loss=mdit can train on (loss is {cfg.loss}); use train.data=select/all")
-            mixes = _mix_rows(examples, m.column("id").to_pylist(), m.column("a_id").to_pylist(),
-                              m.column("b_id").to_pylist(), m.column("lam").to_pylist(), str(sel_path))
-        else:
-            originals = _take_ids(examples, sel.column("id").to_pylist(), str(sel_path))
+    originals, mixes = examples, None
+    if source != "all":
+        originals, mixes = _selection_rows(cfg, run_dir, examples, source, inputs)
     if cfg.loss == "mdit" and source != "cluster":
-        plan_path, inputs["mix_plan"] = _mix_plan_path(cfg, run_dir)
-        plan = pq.read_table(plan_path)
-        need = {"mix_id", "a_id", "b_id", "lam"} - set(plan.column_names)
-        if need:
-            raise InputError(f"{plan_path}: missing columns {sorted(need)}")
-        have = set(originals.column("id").to_pylist())
-        keep = [a in have and b in have for a, b in zip(plan.column("a_id").to_pylist(),
-                                                         plan.column("b_id").to_pylist(), strict=True)]
-        plan = plan.filter(pa.array(keep, pa.bool_()))
-        mixes = _mix_rows(examples, plan.column("mix_id").to_pylist(), plan.column("a_id").to_pylist(),
-                          plan.column("b_id").to_pylist(), plan.column("lam").to_pylist(), str(plan_path))
+        mixes = _plan_mixes(cfg, run_dir, examples, originals, inputs)
     rows = _original_rows(originals)
-    if mixes:
-        for k in rows:
-            rows[k].extend(mixes[k])
-    n = len(rows["id"])
+    for k in rows if mixes else ():
+        rows[k].extend(mixes[k])
+    n, n_mix = len(rows["id"]), len(mixes["id"]) if mixes else 0
     if n == 0:
         raise InputError(f"train: the training set is empty (train.data={cfg.data} -> {source})")
-    n_mix = len(mixes["id"]) if mixes else 0
     if cfg.loss == "mdit" and n_mix == 0:
         raise InputError(f"train.loss=mdit needs mixed samples, but {source} gives none "
                          "(run the mix stage, or the cluster stage with mixes)")
+    groups = np.full(n, UNPAIRED, dtype=np.int8)
     if cfg.loss == "sftmix":
         groups, h = _sftmix_groups(cfg, run_dir, examples_path, rows["id"])
         inputs |= h
-    else:
-        groups = np.full(n, UNPAIRED, dtype=np.int8)
-    cols = {"row": pa.array(np.arange(n, dtype=np.int64)), "group": pa.array(groups),
-            "id": pa.array(rows["id"], pa.string()), "is_mix": pa.array(rows["is_mix"], pa.bool_()),
-            "a_id": pa.array(rows["a_id"], pa.string()), "b_id": pa.array(rows["b_id"], pa.string()),
-            "lam": pa.array(rows["lam"], pa.float32())}
-    for side in ("a", "b"):
-        cols |= {f"{c}_{side}": pa.array(rows[f"{c}_{side}"], pa.string()) for c in _TEXT}
-    table = pa.table(cols)
     counts = {"source": source, "rows": n, "originals": n - n_mix, "mixes": n_mix}
     if cfg.loss == "sftmix":
         counts |= {"confident": int((groups == 1).sum()), "unconfident": int((groups == 2).sum())}
-    return table, inputs, counts
+    return _rows_table(rows, groups), inputs, counts
 
 
 # ----------------------------------------------------------------------------- driver-side checks
@@ -421,7 +437,8 @@ class TrainingJob:
             "weight_decay": cfg.weight_decay, "adam_betas": list(cfg.adam_betas), "adam_eps": cfg.adam_eps,
             "max_grad_norm": cfg.max_grad_norm, "precision": self.precision,
             "gradient_checkpointing": cfg.gradient_checkpointing, "lora": lora, "deepspeed": ds,
-            "sftmix_alpha": cfg.sftmix.alpha, "sftmix_mu": cfg.sftmix.mu, "chunk_rows": cfg.loss_chunk_rows,
+            "sftmix_alpha": cfg.sftmix.alpha, "sftmix_mu": cfg.sftmix.mu,
+            "sftmix_normalizer": cfg.sftmix.normalizer, "chunk_rows": cfg.loss_chunk_rows,
             "checkpoint_every": cfg.checkpoint_every, "report_every_s": cfg.report_every_s,
             "threads": None if self.use_gpu else (cfg.threads or max(1, int(self.resources.get("CPU", 1)))),
             "dataset_prefix": dataset_prefix, "log_dir": str(log_dir), "export_dir": str(export_dir),
@@ -485,6 +502,32 @@ def rank_datasets(tokens: pa.Table, num_workers: int, prefix: str = "train_") ->
             for r in range(num_workers)}
 
 
+def fit_job(job: TrainingJob, tokens: pa.Table, storage: Path, loop_config: dict[str, Any]):
+    """Train ``job`` on its tokenized rows with ``fit`` (Ray Train); returns the ``Result``.
+
+    ``loop_config``: ``job.loop_config(...)`` plus any optional loop keys (``export_steps``).
+    The run is named ``job.run_name`` under ``storage``: re-running the same job resumes it.
+    Fails unless the final export (``loop_config["export_dir"]``) holds a model.
+    """
+    import ray
+
+    from mixray.training.loop import fit
+
+    cfg = job.cfg
+    ctx = ray.data.DataContext.get_current()
+    bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # no bar per worker per epoch
+    try:
+        result = fit(loop_config, rank_datasets(tokens, cfg.num_workers), num_workers=cfg.num_workers,
+                     use_gpu=job.use_gpu, resources_per_worker=job.resources, storage_path=str(storage),
+                     name=job.run_name, max_failures=cfg.max_failures, keep_checkpoints=cfg.keep_checkpoints)
+    finally:
+        ctx.enable_progress_bars = bars
+    export_dir = Path(loop_config["export_dir"])
+    if not any((export_dir / f).is_file() for f in ("config.json", "adapter_config.json")):
+        raise RuntimeError(f"training finished without exporting a model to {export_dir}")
+    return result
+
+
 class Train(Stage):
     """``train``: the selection (+ mixes, + SFTMix split) -> a fine-tuned model on Ray Train."""
 
@@ -538,24 +581,8 @@ class Train(Stage):
                  time.time() - t0, out.extra["final_loss"] or math.nan, TRAIN_MODEL.path(self.run_dir))
 
     def _fit(self, job: TrainingJob, tokens: pa.Table, export_dir: Path, merged_dir: Path | None):
-        import ray
-
-        from mixray.training.loop import fit
-
-        cfg, (storage, log_dir) = self.section, self._dirs
-        loop_config = job.loop_config(log_dir, export_dir, merged_dir)
-        ctx = ray.data.DataContext.get_current()
-        bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # no bar per worker per epoch
-        try:
-            result = fit(loop_config, rank_datasets(tokens, cfg.num_workers), num_workers=cfg.num_workers,
-                         use_gpu=job.use_gpu, resources_per_worker=job.resources, storage_path=str(storage),
-                         name=job.run_name, max_failures=cfg.max_failures,
-                         keep_checkpoints=cfg.keep_checkpoints)
-        finally:
-            ctx.enable_progress_bars = bars
-        if not any((export_dir / f).is_file() for f in ("config.json", "adapter_config.json")):
-            raise RuntimeError(f"training finished without exporting a model to {export_dir}")
-        return result
+        storage, log_dir = self._dirs
+        return fit_job(job, tokens, storage, job.loop_config(log_dir, export_dir, merged_dir))
 
     def _write_outputs(self, out: Outputs, job: TrainingJob, tokens: pa.Table) -> list[dict]:
         """metrics.csv, loss.png and rows.parquet; returns the metrics."""

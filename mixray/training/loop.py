@@ -42,9 +42,10 @@ LOOP_KEYS = (
     "log_dir", "export_dir", "merged_dir", "fault_step", "fault_rank",
 )
 # Optional keys and their defaults:
-#   export_steps      optimizer steps after which to export the model (Hugging Face format)
-#   export_steps_dir  where: <export_steps_dir>/step-<n> (None: <export_dir>/../checkpoints)
-LOOP_DEFAULTS: dict[str, Any] = {"export_steps": [], "export_steps_dir": None}
+#   export_steps       optimizer steps after which to export the model (Hugging Face format)
+#   export_steps_dir   where: <export_steps_dir>/step-<n> (None: <export_dir>/../checkpoints)
+#   sftmix_normalizer  shared (both SFTMix terms over the NTP token count) | separate
+LOOP_DEFAULTS: dict[str, Any] = {"export_steps": [], "export_steps_dir": None, "sftmix_normalizer": "shared"}
 
 
 def check_loop_config(config: dict[str, Any]) -> dict[str, Any]:

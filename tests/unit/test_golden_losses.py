@@ -5,8 +5,10 @@ sequences with prompts and padding, built by ``mixray.algorithms.batching``) in
 float64 and float32; its value, its components and the norm of its gradient
 (w.r.t. the logits, and for MDIT w.r.t. the input-embedding table too) are
 pinned as literal numbers, written from the code before the training package
-was refactored. A change of the math, the normalisers, the batching or the
-kernel's precision fails here with the number that moved.
+was refactored (SFTMix's ``shared`` normalisation: added with issue 12, from the
+code that introduced it; ``sftmix`` keeps the earlier ``separate`` pins). A change of
+the math, the normalisers, the batching or the kernel's precision fails here with
+the number that moved.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ GOLDEN = {
     ("ntp", "float32"): [3.407158374786377, 0.232749804854393],
     ("sftmix", "float64"): [4.050614176899329, 3.407158223844586, 3.217279765273716, 0.2610603467311879],
     ("sftmix", "float32"): [4.050614356994629, 3.407158613204956, 3.2172799110412598, 0.26106032729148865],
+    # normalization="shared" (the default since issue 12; the pins above are "separate"): the same NTP,
+    # the Mixup sum over the NTP count (18 tokens) instead of its own (Σ N' = 7): 3.2172797·7/18
+    ("sftmix_shared", "float64"): [3.6573910944769863, 3.407158223844586, 1.2511643531620007,
+                                   0.24326613547750656],
+    ("sftmix_shared", "float32"): [3.657391309738159, 3.407158613204956, 1.251164436340332,
+                                   0.24326613545417786],
     ("mdit", "float64"): [6.247477839625185, 2.8438406276542065, 3.4036372119709792, 0.23891939932771744,
                           0.8605680222209628],
     ("mdit", "float32"): [6.247478485107422, 2.8438405990600586, 3.403637409210205, 0.23891939222812653,
@@ -77,14 +85,18 @@ def _ntp(batch, dtype, chunk):
     return [loss.item(), logits.grad.norm().item()]
 
 
-def _sftmix(batch, dtype, chunk):
+def _sftmix(batch, dtype, chunk, normalization="separate"):
     """Rows 0, 1 confident, paired with the unconfident rows 2, 3; μ = 0.2."""
     logits = _leaf(batch["logits"], dtype)
     lam = torch.tensor([0.3, 0.7], dtype=dtype)
     total, ntp, mix = sftmix_loss(logits, batch["sft"]["targets"], torch.tensor([0, 1]), torch.tensor([2, 3]),
-                                  lam, mu=0.2, chunk_rows=chunk)
+                                  lam, mu=0.2, chunk_rows=chunk, normalization=normalization)
     total.backward()
     return [total.item(), ntp.item(), mix.item(), logits.grad.norm().item()]
+
+
+def _sftmix_shared(batch, dtype, chunk):
+    return _sftmix(batch, dtype, chunk, "shared")
 
 
 def _mdit(batch, dtype, chunk):
@@ -110,7 +122,8 @@ def _mixup(batch, dtype, chunk):
     return [loss.item(), logits.grad.norm().item()]
 
 
-LOSSES = {"ntp": _ntp, "sftmix": _sftmix, "mdit": _mdit, "mixup_cross_entropy": _mixup}
+LOSSES = {"ntp": _ntp, "sftmix": _sftmix, "sftmix_shared": _sftmix_shared, "mdit": _mdit,
+          "mixup_cross_entropy": _mixup}
 
 
 @pytest.mark.parametrize("chunk", [None, 3], ids=["one-chunk", "chunks-of-3"])

@@ -15,6 +15,7 @@ from mixray.algorithms.losses import (
     mixup_target_mass,
     next_token_targets,
     ntp_loss,
+    row_mean_nll,
     sftmix_loss,
     sftmix_pair_positions,
 )
@@ -136,7 +137,7 @@ def test_sftmix_matches_naive_loop_and_ignores_positions_beyond_n_prime():
     V = 5
     logits = torch.randn(4, 6, V, generator=gen, dtype=torch.float64, requires_grad=True)
     lam = torch.tensor([0.3, 0.8], dtype=torch.float64)
-    total, ntp, mix = sftmix_loss(logits, targets, c, u, lam, mu=0.2)
+    total, ntp, mix = sftmix_loss(logits, targets, c, u, lam, mu=0.2, normalization="separate")
     # naive: explicit soft labels over V on the gathered, mixed logits
     pairs = [((0, [2, 3]), (2, [1, 2])), ((1, [1, 2, 3]), (3, [3, 4, 5]))]
     terms = []
@@ -152,7 +153,8 @@ def test_sftmix_matches_naive_loop_and_ignores_positions_beyond_n_prime():
     torch.testing.assert_close(total, ref_ntp + 0.2 * ref_mix)
     # the Mixup term's gradient: d(NTP + 0.2·Mixup) − d(NTP + 0·Mixup) = 0.2·d Mixup
     (g_02,) = torch.autograd.grad(total, logits)
-    (g_0,) = torch.autograd.grad(sftmix_loss(logits, targets, c, u, lam, mu=0.0)[0], logits)
+    (g_0,) = torch.autograd.grad(sftmix_loss(logits, targets, c, u, lam, mu=0.0, normalization="separate")[0],
+                                 logits)
     g_mix = (g_02 - g_0) / 0.2
     torch.testing.assert_close(g_mix, torch.autograd.grad(ref_mix, logits)[0])
     torch.testing.assert_close(g_0, torch.autograd.grad(ref_ntp, logits)[0])
@@ -160,6 +162,51 @@ def test_sftmix_matches_naive_loop_and_ignores_positions_beyond_n_prime():
     assert g_mix[0, 4].abs().sum() == 0 and g_mix[1, 4:].abs().sum() == 0
     # ... and prompt positions get none either
     assert g_mix[2, 0].abs().sum() == 0 and g_mix[3, :3].abs().sum() == 0
+
+
+def _naive_eq5(logits, targets, pairs, lam, mu):
+    """SFTMix's eq. 5 in its sum form, with explicit V-wide soft labels::
+
+        ℓ = Σ_{i, n: response tokens of all rows} CE(z, y)  +  μ·Σ_pairs Σ_{n ≤ N'} H(Ỹ_n, softmax(Z̃_n))
+    """
+    V = logits.shape[-1]
+    ntp = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=IGN, reduction="sum")
+    mix = logits.new_zeros(())
+    for i, ((rc, pc), (ru, pu)) in enumerate(pairs):
+        for n in range(len(pc)):
+            z = lam[i] * logits[rc, pc[n]] + (1 - lam[i]) * logits[ru, pu[n]]
+            y = lam[i] * F.one_hot(targets[rc, pc[n]], V) + (1 - lam[i]) * F.one_hot(targets[ru, pu[n]], V)
+            mix = mix - (y * F.log_softmax(z, -1)).sum()
+    return ntp + mu * mix
+
+
+def test_sftmix_shared_is_eq5_sum_form_times_one_constant():
+    """``normalization="shared"`` (the default) is eq. 5 times 1/N, N = the NTP token count, for every μ
+    and λ: the value, its gradient, and ``NTP + μ·Mixup``; the window normaliser replaces N."""
+    targets, c, u = _hand_built()
+    pairs = [((0, [2, 3]), (2, [1, 2])), ((1, [1, 2, 3]), (3, [3, 4, 5]))]  # the first N' response positions
+    n_ntp = int((targets != IGN).sum())
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(4, 6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    constants = []
+    for mu, lam in ((0.2, [0.3, 0.8]), (1.0, [0.5, 0.5]), (0.0, [0.1, 0.6]), (3.0, [0.9, 0.05])):
+        lam = torch.tensor(lam, dtype=torch.float64)
+        total, ntp, mix = sftmix_loss(logits, targets, c, u, lam, mu=mu)
+        ref = _naive_eq5(logits, targets, pairs, lam, mu)
+        constants.append((total / ref).item())
+        torch.testing.assert_close(total, ntp + mu * mix)
+        torch.testing.assert_close(torch.autograd.grad(total, logits)[0],
+                                   torch.autograd.grad(ref, logits)[0] / n_ntp)
+    assert constants == pytest.approx([1 / n_ntp] * 4, rel=1e-12)
+    lam = torch.tensor([0.3, 0.8], dtype=torch.float64)
+    window = sftmix_loss(logits, targets, c, u, lam, ntp_normalizer=40.0, mix_normalizer=7.0)[0]
+    torch.testing.assert_close(window, _naive_eq5(logits, targets, pairs, lam, 0.2) / 40.0)
+    # separate: the same sums, the Mixup one over Σ N' = 5 instead of N = 13
+    _, _, mix_sep = sftmix_loss(logits, targets, c, u, lam, normalization="separate")
+    _, _, mix_shared = sftmix_loss(logits, targets, c, u, lam)
+    torch.testing.assert_close(mix_sep * 5, mix_shared * n_ntp)
+    with pytest.raises(ValueError, match="allowed"):
+        sftmix_loss(logits, targets, c, u, lam, normalization="token-mean")
 
 
 def test_chunking_does_not_change_values_or_grads():
@@ -249,3 +296,16 @@ def test_mdit_loss_splits_originals_and_mixes():
     torch.testing.assert_close(orig + mix, total)
     mass = mixup_target_mass(ta, tb, lam)
     torch.testing.assert_close(orig, ntp_loss(logits[:2], ta[:2], normalizer=mass))
+
+
+def test_row_mean_nll_is_each_rows_cross_entropy():
+    """The per-example response loss (SFTMix's Perp_c, IFD's losses) against F.cross_entropy row by row."""
+    gen = torch.Generator().manual_seed(12)
+    logits = torch.randn(4, 8, 17, generator=gen)
+    t = _targets(4, 8, 17, gen)
+    t[3] = IGN  # no response token: NaN, not 0
+    got = row_mean_nll(logits, t, chunk_rows=3)
+    for b in range(3):
+        torch.testing.assert_close(got[b], F.cross_entropy(logits[b], t[b], ignore_index=IGN))
+    assert torch.isnan(got[3])
+    torch.testing.assert_close(got[:3], row_mean_nll(logits, t)[:3])  # chunking changes nothing

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixray.algorithms.batching import mix_batch, sft_batch, truncate_pair
+from mixray.algorithms.batching import mix_batch, response_spans, sft_batch, truncate_pair
 from mixray.algorithms.losses import IGNORE_INDEX as IGN
 from mixray.algorithms.sampling import (
     CONFIDENT,
@@ -83,11 +83,28 @@ def test_equal_micro_batches_on_every_rank_and_odd_batch_rejected():
 
 
 def test_sft_batch_targets_are_response_tokens_only():
-    b = sft_batch([[10, 11, 12, 13], [20, 21, 22]], n_prompt=[2, 1], pad_id=0)
+    b = sft_batch([[10, 11, 12, 13], [20, 21, 22]], [2, 1], pad_id=0)
     assert b["input_ids"].tolist() == [[10, 11, 12, 13], [20, 21, 22, 0]]
     assert b["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
     # position t predicts token t+1; only response tokens (index >= n_prompt) are targets
     assert b["targets"].tolist() == [[IGN, 12, 13, IGN], [21, 22, IGN, IGN]]
+
+
+def test_multi_turn_spans_make_every_response_a_target_and_nothing_else():
+    """Flat spans [s0, e0, s1, e1]: the tokens of both responses are predicted, the user turn between
+    them, the prompt, the padding and the last position are not; n_prompt is the one-span case."""
+    seq = [1, 2, 30, 31, 3, 4, 5, 40, 41, 42]  # prompt 1 2 | reply 30 31 | user turn 3 4 5 | reply 40 41 42
+    b = sft_batch([seq, seq, [7, 8, 9]], [[2, 4, 7, 10], [2, 10], 1], pad_id=0)
+    assert b["targets"][0].tolist() == [IGN, 30, 31, IGN, IGN, IGN, 40, 41, 42, IGN]
+    assert b["targets"][1].tolist() == [IGN, 30, 31, 3, 4, 5, 40, 41, 42, IGN]  # one span: all of it
+    assert b["targets"][2].tolist() == [8, 9] + [IGN] * 8
+    assert response_spans([2, 4, 7, 10], 10) == [(2, 4), (7, 10)]
+    assert response_spans(3, 5) == [(3, 5)] and response_spans([4, 9, 9, 9], 6) == [(4, 6)]
+    with pytest.raises(ValueError, match="pairs"):
+        response_spans([1, 2, 3], 5)
+    m = mix_batch([seq], [[2, 4, 7, 10]], [[5, 6, 7]], [[1, 3]], [0.5], pad_id=0)
+    assert m["targets_a"][0].tolist() == b["targets"][0].tolist()
+    assert m["targets_b"][0].tolist() == [6, 7] + [IGN] * 8
 
 
 def test_mix_batch_pads_both_sides_to_one_length():

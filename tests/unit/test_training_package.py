@@ -60,8 +60,9 @@ def _shard():
     rng = np.random.default_rng(0)
     ids = [rng.integers(1, V, n).tolist() for n in (7, 10, 6, 9, 8, 11)]
     prompt = [3, 4, 2, 5, 3, 4]
-    return {"ids_a": ids, "prompt_a": prompt,
-            "ids_b": [[], [], [], [], ids[2], ids[3]], "prompt_b": [0, 0, 0, 0, 2, 5],
+    spans = [[p, len(s)] for p, s in zip(prompt, ids, strict=True)]  # one response after the prompt
+    return {"ids_a": ids, "spans_a": spans, "prompt_a": prompt,
+            "ids_b": [[], [], [], [], ids[2], ids[3]], "spans_b": [[], [], [], [], spans[2], spans[3]],
             "lam": [1.0, 1.0, 1.0, 1.0, 0.25, 0.6], "is_mix": [False] * 4 + [True] * 2}
 
 
@@ -101,6 +102,13 @@ def test_sftmix_objective_counts_pair_positions_and_adds_mu_times_mixup(engine):
     torch.testing.assert_close(loss.detach(), parts["ntp"] + 0.2 * parts["mix"])
     naive = [_naive_ce_sum(engine.model, shard["ids_a"][i], shard["prompt_a"][i]) for i in range(4)]
     torch.testing.assert_close(parts["ntp"], sum(s for s, _ in naive) / counts[0])
+    # the default normaliser is shared (both sums over the NTP count); separate divides the Mixup sum by
+    # its own count: the same sum either way
+    sep = make_objective(_config("sftmix", sftmix_normalizer="separate"))
+    loss_sep, parts_sep = sep.step(engine, mb, counts)
+    torch.testing.assert_close(parts_sep["ntp"], parts["ntp"])
+    torch.testing.assert_close(parts_sep["mix"] * counts[1], parts["mix"] * counts[0])
+    torch.testing.assert_close(loss_sep.detach(), parts_sep["ntp"] + 0.2 * parts_sep["mix"])
 
 
 def test_mdit_objective_trains_originals_as_ntp_and_mixes_symmetrically(engine):
@@ -112,8 +120,8 @@ def test_mdit_objective_trains_originals_as_ntp_and_mixes_symmetrically(engine):
     torch.testing.assert_close(loss, ntp.step(engine, ntp.batch(shard, [0, 1, 2]), mdit.normalizer_counts(a))[0])
     assert parts["mix"] == 0
     # a mix of (a, b, λ) is the mix of (b, a, 1 − λ): swap the sides of rows 4 and 5
-    swapped = {"ids_a": shard["ids_b"], "prompt_a": shard["prompt_b"], "ids_b": shard["ids_a"],
-               "prompt_b": shard["prompt_a"], "lam": [1 - x for x in shard["lam"]], "is_mix": shard["is_mix"]}
+    swapped = {"ids_a": shard["ids_b"], "spans_a": shard["spans_b"], "ids_b": shard["ids_a"],
+               "spans_b": shard["spans_a"], "lam": [1 - x for x in shard["lam"]], "is_mix": shard["is_mix"]}
     m, s = mdit.batch(shard, [4, 5]), mdit.batch(swapped, [4, 5])
     assert mdit.normalizer_counts(m) == pytest.approx(mdit.normalizer_counts(s))
     lm, pm = mdit.step(engine, m, mdit.normalizer_counts(m))

@@ -19,11 +19,11 @@ class MDITObjective(Objective):
     """
 
     name = "mdit"
-    columns = ("ids_a", "prompt_a", "ids_b", "prompt_b", "lam", "is_mix")
+    columns = ("ids_a", "spans_a", "ids_b", "spans_b", "lam", "is_mix")
 
     def batch(self, shard, rows, lam=None):
-        mb = mix_batch([shard["ids_a"][i] for i in rows], [shard["prompt_a"][i] for i in rows],
-                       [shard["ids_b"][i] for i in rows], [shard["prompt_b"][i] for i in rows],
+        mb = mix_batch([shard["ids_a"][i] for i in rows], [shard["spans_a"][i] for i in rows],
+                       [shard["ids_b"][i] for i in rows], [shard["spans_b"][i] for i in rows],
                        [shard["lam"][i] for i in rows], self.pad_id)
         mb["is_mix"] = torch.tensor([bool(shard["is_mix"][i]) for i in rows])
         mb["tokens"] = int((mb["attention_mask_a"].bool() | mb["attention_mask_b"].bool()).sum())

@@ -16,10 +16,10 @@ class NTPObjective(Objective):
     """
 
     name = "ntp"
-    columns = ("ids_a", "prompt_a")
+    columns = ("ids_a", "spans_a")
 
     def batch(self, shard, rows, lam=None):
-        mb = sft_batch([shard["ids_a"][i] for i in rows], [shard["prompt_a"][i] for i in rows], self.pad_id)
+        mb = sft_batch([shard["ids_a"][i] for i in rows], [shard["spans_a"][i] for i in rows], self.pad_id)
         mb["tokens"] = int(mb["attention_mask"].sum())
         mb["examples"] = len(rows)
         return mb
