@@ -56,7 +56,9 @@ def _validate(cfg) -> list[str]:
     checks.append(("score.model", cfg.score.model, "score" in cfg.stages and cfg.score.backend != "column"))
     checks.append(("mix.model", cfg.mix.model, "mix" in cfg.stages))
     given = cfg.dynamics.checkpoints is not None or cfg.dynamics.reference_run is not None
-    checks.append(("dynamics.model", cfg.reference_train().model, "dynamics" in cfg.stages and not given))
+    reference = cfg.reference_train().model  # train.model unless dynamics sets another (checked once)
+    checks.append(("dynamics.model", reference, "dynamics" in cfg.stages and not given
+                   and not (reference == cfg.train.model and "train" in cfg.stages)))
     checks.append(("train.model", cfg.train.model, "train" in cfg.stages))
     for setting, name, used in checks:
         if used:
