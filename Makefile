@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup demo test lint bench bench-embed bench-select bench-kmeans bench-train clean lock
+.PHONY: setup demo test lint bench bench-embed bench-select bench-kmeans bench-train bench-dynamics clean lock
 
 setup: $(STAMP)
 
@@ -48,8 +48,11 @@ bench-select: $(VENV)/.mixray-bench
 bench-kmeans: $(VENV)/.mixray-bench
 	$(BIN)/python benchmarks/bench_kmeans.py
 
+bench-dynamics: $(VENV)/.mixray-bench
+	$(BIN)/python benchmarks/bench_dynamics.py
+
 # Every benchmark, one after the other (about an hour on 2 cores; run on a quiet machine).
-bench: bench-embed bench-select bench-kmeans bench-train
+bench: bench-embed bench-select bench-kmeans bench-train bench-dynamics
 
 lock:
 	$(PIP) freeze --exclude-editable | grep -v '^mixray' | sed 's/+cpu//' > requirements/constraints-cpu.txt

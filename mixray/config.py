@@ -84,7 +84,8 @@ class FieldMap(_Strict):
     ``conversations`` names a multi-turn list (ShareGPT ``[{from, value}]`` or
     chat ``[{role, content}]``); when set, instruction/output come from the
     first user turn and the assistant's reply to it, and ``messages`` keeps
-    all turns. ``quality`` (optional) carries a numeric score column.
+    all turns (training, IFD and SFTMix's dynamics use every assistant turn).
+    ``quality`` (optional) carries a numeric score column.
     """
 
     instruction: str = "instruction"

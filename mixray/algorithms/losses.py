@@ -443,29 +443,32 @@ def sftmix_loss(
         raise TrainingConfigError(f"sftmix normalization {normalization!r}; allowed: {list(SFTMIX_NORMALIZERS)}",
                                   where="train.sftmix.normalizer")
     B, T, V = logits.shape
-    flat = targets.reshape(-1)
-    dev = logits.device
     ftype = torch.promote_types(lam.dtype, torch.float32)
+    flat = targets.reshape(-1)
     ntp_rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)
     flat_c, flat_u, pair = sftmix_pair_positions(targets, conf_rows, unconf_rows)
-    n_ntp = _as_normalizer(ntp_normalizer, torch.tensor(float(ntp_rows.numel()), dtype=ftype, device=dev))
-    n_mix = n_ntp if normalization == "shared" else _as_normalizer(
-        mix_normalizer, torch.tensor(float(flat_c.numel()), dtype=ftype, device=dev))
-    lam_m = lam.to(ftype)[pair]
-    k, m = ntp_rows.numel(), flat_c.numel()
-    rows_a = torch.cat([ntp_rows, flat_c])
-    rows_b = torch.cat([ntp_rows, flat_u])
-    alpha = torch.cat([torch.ones(k, dtype=ftype, device=dev), lam_m])
-    t_a = torch.cat([flat[ntp_rows], flat[flat_c]])
-    t_b = torch.cat([flat[ntp_rows], flat[flat_u]])
-    w_a = torch.cat([torch.ones(k, dtype=ftype, device=dev) / n_ntp, lam_m / n_mix])
-    w_b = torch.cat([torch.zeros(k, dtype=ftype, device=dev), (1 - lam_m) / n_mix])
-    group = torch.cat([torch.zeros(k, dtype=torch.long, device=dev), torch.ones(m, dtype=torch.long, device=dev)])
+    counts = torch.tensor([float(ntp_rows.numel()), float(flat_c.numel())], dtype=ftype, device=logits.device)
+    n_ntp = _as_normalizer(ntp_normalizer, counts[0])
+    n_mix = n_ntp if normalization == "shared" else _as_normalizer(mix_normalizer, counts[1])
     total, parts = mixed_rows_cross_entropy(
-        logits.reshape(B * T, V), rows_a, t_a, w_a, rows_b=rows_b, alpha=alpha, targets_b=t_b,
-        weight_b=w_b, group=group, n_groups=2, coef=(1.0, mu), chunk_rows=chunk_rows,
-    )
+        logits.reshape(B * T, V), **_sftmix_terms(flat, ntp_rows, flat_c, flat_u, lam.to(ftype)[pair], n_ntp, n_mix),
+        n_groups=2, coef=(1.0, mu), chunk_rows=chunk_rows)
     return total, parts[0], parts[1]
+
+
+def _sftmix_terms(flat, ntp_rows, flat_c, flat_u, lam_m, n_ntp, n_mix) -> dict[str, torch.Tensor]:
+    """The kernel's terms: group 0 = every NTP target (weight 1/n_ntp), group 1 = the mixed
+    response positions (rows c and u mixed with λ, targets y^c and y^u weighted λ/n_mix, (1−λ)/n_mix)."""
+    k, m, dev, ftype = ntp_rows.numel(), flat_c.numel(), flat.device, lam_m.dtype
+    ones = torch.ones(k, dtype=ftype, device=dev)
+    return {
+        "rows_a": torch.cat([ntp_rows, flat_c]), "rows_b": torch.cat([ntp_rows, flat_u]),
+        "alpha": torch.cat([ones, lam_m]),
+        "targets_a": torch.cat([flat[ntp_rows], flat[flat_c]]), "targets_b": torch.cat([flat[ntp_rows], flat[flat_u]]),
+        "weight_a": torch.cat([ones / n_ntp, lam_m / n_mix]),
+        "weight_b": torch.cat([torch.zeros(k, dtype=ftype, device=dev), (1 - lam_m) / n_mix]),
+        "group": torch.cat([torch.zeros(k, dtype=torch.long, device=dev), torch.ones(m, dtype=torch.long, device=dev)]),
+    }
 
 
 def mix_embeddings(

@@ -6,6 +6,7 @@ Backends (``score.backend``):
   ``raw = score = logit[label_index]``.
 - ``ifd``: instruction-following difficulty from a causal LM (SmolLM2-135M offline);
   ``raw = L(y|x)/L(y)``, ``score = raw if raw < 1 else 0`` — a *proxy* for a reward model.
+  ``y`` is the response as training sees it: every assistant turn of a multi-turn example.
 - ``column``: an existing numeric column of the examples (``score.column``, e.g. the
   ``quality`` field mapped at ingest); ``raw = score = the value``.
 
@@ -31,7 +32,7 @@ from mixray.contracts import EXAMPLES, QUALITY, SCORE_REJECT_SCHEMA, SCORE_REJEC
 from mixray.errors import ConfigError, InputError
 from mixray.io.rundir import write_table
 from mixray.models.registry import check_model
-from mixray.models.text import TEXT_COLUMNS
+from mixray.models.text import CONVERSATION_COLUMNS, TEXT_COLUMNS
 from mixray.stages.runner import Outputs, Stage
 
 log = logging.getLogger("mixray.score")
@@ -77,7 +78,8 @@ def _model_scores(cfg: ScoreConfig, ray_cfg: RayConfig, examples: Path, seed: in
     if cfg.sample is not None:
         n = pq.ParquetFile(examples).metadata.num_rows
         rows = np.sort(np.random.default_rng(seed).choice(n, min(cfg.sample, n), replace=False))
-    ds = read_examples(str(examples), list(TEXT_COLUMNS), cfg.batch_size, rows=rows)
+    columns = CONVERSATION_COLUMNS if cfg.backend == "ifd" else TEXT_COLUMNS  # IFD: every turn's response
+    ds = read_examples(str(examples), list(columns), cfg.batch_size, rows=rows)
     kwargs = {"model_path": cfg.model, "max_length": cfg.max_length,
               "trust_remote_code": cfg.trust_remote_code}
     if cfg.backend == "reward-model":

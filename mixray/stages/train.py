@@ -11,7 +11,9 @@ Inputs (``train.data``):
 ``loss: mdit`` with ``all``/``select`` adds the mixes of the mix plan
 (``<run_dir>/mix/mix_plan.parquet`` or ``train.mdit.mix_plan``: ``mix_id, a_id,
 b_id, lam, ...``) whose two examples are both in the training set.
-``loss: sftmix`` needs a confident/unconfident split (``train.sftmix.confidence``).
+``loss: sftmix`` needs a confident/unconfident split: ``<run_dir>/dynamics/confidence.parquet``
+(the dynamics stage) unless ``train.sftmix.confidence`` names a column or a file. Multi-turn
+examples (``messages``) train on every assistant turn (``mixray.models.sft.encode_example``).
 
 Outputs in ``<run_dir>/train/``:
 

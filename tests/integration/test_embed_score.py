@@ -134,7 +134,8 @@ def test_score_ifd_on_sample_with_tiny_lm(run, tiny_lm_dir):
     ex = pq.read_table(run_dir / "ingest" / "examples.parquet").to_pandas().set_index("id")
     rows = ex.loc[q["id"][:4]]
     direct = IFDScorer(str(tiny_lm_dir), max_length=128)(
-        {"id": q["id"][:4].to_numpy(), **{k: rows[k].to_numpy() for k in ("instruction", "input", "output")}})
+        {"id": q["id"][:4].to_numpy(),
+         **{k: rows[k].to_numpy() for k in ("instruction", "input", "output", "messages")}})
     assert np.allclose(direct["raw"], q["raw"][:4], rtol=1e-4)
     assert run_stage("score", cfg, run_dir)["skipped"] is True
 
