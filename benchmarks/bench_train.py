@@ -184,7 +184,7 @@ def hf_trainer_tps(model_dir: Path, tokens: pa.Table, loop: dict, steps: int, wa
 
     torch.set_num_threads(2)
     ids = tokens.column("ids_a").to_pylist()
-    n_prompt = tokens.column("prompt_a").to_pylist()
+    spans = tokens.column("spans_a").to_pylist()  # [start, end] of the response (one exchange)
     pad = loop["pad_id"]
 
     class Rows(torch.utils.data.Dataset):
@@ -192,7 +192,9 @@ def hf_trainer_tps(model_dir: Path, tokens: pa.Table, loop: dict, steps: int, wa
             return len(ids)
 
         def __getitem__(self, i):
-            labels = [-100] * n_prompt[i] + ids[i][n_prompt[i]:]
+            labels = [-100] * len(ids[i])
+            for s, e in zip(spans[i][::2], spans[i][1::2], strict=True):
+                labels[s:e] = ids[i][s:e]
             return {"input_ids": ids[i], "labels": labels}
 
     def collate(batch):

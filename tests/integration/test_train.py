@@ -34,7 +34,7 @@ FIRST_STEPS = {
             [10.830386638641357, 10.826546669006348, 10.819447994232178]),
     "mdit": ([10.814679145812988, 10.80367374420166, 10.825227737426758],
              [9.040416717529297, 7.151604175567627, 6.428501844406128]),
-    "sftmix": ([12.970530986785889, 12.98270320892334, 12.993336200714111],
+    "sftmix": ([12.970530986785889, 12.98270320892334, 12.993336200714111],  # normalizer: separate
                [10.809788227081299, 10.820455551147461, 10.827646732330322]),
     "z3_ntp": ([10.830386638641357, 10.74571704864502, 10.58282470703125],
                [10.830386638641357, 10.74571704864502, 10.58282470703125]),
@@ -133,7 +133,8 @@ def test_zero2_lora_with_all_three_losses(ray_session, run_dir, tiny_lm_dir, tmp
     conf = str(run_dir.parent / "confidence.parquet")
     cfgs = {"ntp": _cfg(tiny_lm_dir, lora=lora),
             "mdit": _cfg(tiny_lm_dir, lora=lora, loss="mdit"),
-            "sftmix": _cfg(tiny_lm_dir, lora=lora | {"merge": True}, loss="sftmix", sftmix={"confidence": conf})}
+            "sftmix": _cfg(tiny_lm_dir, lora=lora | {"merge": True}, loss="sftmix",
+                           sftmix={"confidence": conf, "normalizer": "separate"})}
     dirs = _train_many(run_dir, tmp_path, cfgs, extra={"ntp": {"export_steps": [1, 2]}})
 
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
@@ -170,7 +171,8 @@ def test_zero3_full_all_losses_ddp_and_accumulation_equivalence(ray_session, run
     cfgs = {
         "z3_ntp": _cfg(tiny_lm_dir, deepspeed=z3),
         "z3_mdit": _cfg(tiny_lm_dir, deepspeed=z3, loss="mdit"),
-        "z3_sftmix": _cfg(tiny_lm_dir, deepspeed=z3, loss="sftmix", sftmix={"confidence": conf}),
+        "z3_sftmix": _cfg(tiny_lm_dir, deepspeed=z3, loss="sftmix", sftmix={"confidence": conf, "normalizer": "separate"}),
+        "z3_sftmix_shared": _cfg(tiny_lm_dir, deepspeed=z3, loss="sftmix", sftmix={"confidence": conf}),
         "z2_mb4": _cfg(tiny_lm_dir, micro_batch_size=4, grad_accum=1),
         "z2_mb1x4": _cfg(tiny_lm_dir, micro_batch_size=1, grad_accum=4),
         "ddp_mb4": _cfg(tiny_lm_dir, deepspeed={"enabled": False}),
@@ -191,6 +193,11 @@ def test_zero3_full_all_losses_ddp_and_accumulation_equivalence(ray_session, run
         unchanged = [k for k in init if torch.equal(init[k], finals[name][k])]
         assert not unchanged, f"{name}: parameters did not change: {unchanged}"
     _generates(dirs["z3_mdit"] / "model")
+    # SFTMix's default (paper) normaliser: at step 1 (same weights, same batch) the same NTP term, and the
+    # Mixup sum over the NTP count N instead of its own count Σ N' <= N / 2
+    sep, shared = _curve(dirs["z3_sftmix"])[0], _curve(dirs["z3_sftmix_shared"])[0]
+    assert shared["ntp"] == pytest.approx(sep["ntp"], rel=1e-6)
+    assert 0 < shared["mix"] <= sep["mix"] / 2
     # ZeRO-3 exports at steps 1 and 3 (every rank gathers, training goes on): whole models that load,
     # step 1 differs from the initial weights and from step 3, step 3 is the final export
     step1, step3 = (load_file(step_dir / f"step-{n}" / "model.safetensors") for n in (1, 3))
