@@ -1,10 +1,11 @@
-"""Connect to Ray: a cluster by address, or a local Ray sized to this machine."""
+"""Connect to Ray (a cluster by address, or a local Ray sized to this machine); GPUs per actor."""
 
 from __future__ import annotations
 
 import logging
 import os
 
+from mixray.algorithms.devices import gpus_to_use
 from mixray.config import RayConfig
 
 log = logging.getLogger("mixray.runtime")
@@ -57,3 +58,17 @@ def init_ray(cfg: RayConfig) -> None:
         runtime_env=runtime_env,
         log_to_driver=True,
     )
+
+
+def gpus_per_actor(num_gpus: float | str, *, device: str = "auto", where: str | None = None) -> float:
+    """GPUs for each Ray actor/task of a component, by the one rule of
+    :func:`mixray.algorithms.devices.gpus_to_use` over the Ray cluster's GPUs.
+
+    ``num_gpus``: ``"auto"`` (1 when the cluster has a GPU, else 0) or a number the
+    cluster must have; ``device="cpu"`` forces 0. ``where`` names the config key in
+    the :class:`~mixray.errors.ResourceError` raised when the cluster has too few.
+    """
+    import ray
+
+    have = float(ray.cluster_resources().get("GPU", 0))
+    return gpus_to_use(num_gpus, have, device=device, where=where)

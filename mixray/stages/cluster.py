@@ -146,17 +146,16 @@ def fit_kmeans(cfg: ClusterConfig, ray_cfg: RayConfig, pool: Pool, m: int, seed:
     import ray
 
     from mixray.distributed.kmeans import DistributedKMeans, split_rows
-    from mixray.distributed.pipeline import gpus_per_actor
-    from mixray.distributed.runtime import init_ray
+    from mixray.distributed.runtime import gpus_per_actor, init_ray
 
     init_ray(ray_cfg)
-    actors = min(cfg.actors, len(pool))
-    refs = [ray.put(pool.rows(a, b)) for a, b in split_rows(len(pool), actors)]
+    concurrency = min(cfg.actors, len(pool))
+    refs = [ray.put(pool.rows(a, b)) for a, b in split_rows(len(pool), concurrency)]
     km = DistributedKMeans(
-        m, n_actors=actors, init=resolve_init(cfg.init, m), max_iter=cfg.max_iter, tol=cfg.tol,
-        seed=seed, oversampling=cfg.oversampling, init_rounds=cfg.init_rounds,
-        num_cpus=cfg.num_cpus, num_gpus=gpus_per_actor(cfg, "cluster"), threads=cfg.threads,
-        centre_block=cfg.centre_block, dtype="float32")
+        m, concurrency=concurrency, init=resolve_init(cfg.init, m), max_iter=cfg.max_iter,
+        tol=cfg.tol, random_state=seed, oversampling=cfg.oversampling, init_rounds=cfg.init_rounds,
+        num_cpus=cfg.num_cpus, num_gpus=gpus_per_actor(cfg.num_gpus, where="cluster.num_gpus"),
+        threads=cfg.threads, centre_block=cfg.centre_block, dtype="float32")
     return km.fit(refs)
 
 
@@ -270,7 +269,7 @@ def run_cluster(cfg: ClusterConfig, ray_cfg: RayConfig, run_dir: Path, seed: int
                       "kept_mixes": kept_mix}
         run.extra = {
             "encoder": meta.get("mixray.encoder"), "dim": int(pool.V.shape[1]),
-            "kmeans": {"n_clusters": m, "init": resolve_init(cfg.init, m), "actors": km.n_actors,
+            "kmeans": {"n_clusters": m, "init": resolve_init(cfg.init, m), "concurrency": km.concurrency,
                        "n_iter": km.n_iter_, "converged": km.converged_, "inertia": km.inertia_,
                        "relocated": km.n_relocated_, "broadcasts": km.broadcasts_,
                        "seconds": {k: round(float(v), 3) for k, v in km.timings_.items()}},

@@ -126,7 +126,7 @@ def save_checkpoint(path: Path, state, fp: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         np.savez(f, selected=state.selected, gains=state.gains, scores=state.scores, cur=state.cur,
-                 scale_exp=np.int64(state.scale_exp), fingerprint=np.bytes_(fp.encode()))
+                 fingerprint=np.bytes_(fp.encode()))
     os.replace(tmp, path)
 
 
@@ -142,7 +142,7 @@ def load_checkpoint(path: Path, fp: str):
                 log.info("select: ignoring %s (written for another config or input)", path)
                 return None
             return GreedyState(z["selected"].astype(np.int64), z["gains"], z["scores"],
-                               z["cur"].astype(np.float32), int(z["scale_exp"]))
+                               z["cur"].astype(np.float32))
     except (OSError, ValueError, KeyError) as e:
         log.warning("select: unreadable checkpoint %s (%s); starting over", path, e)
         return None
@@ -155,7 +155,7 @@ def _selector(cfg: SelectConfig, alpha: float, seed: int, callback=None):
     from mixray.algorithms.qdit import QDITSelector
 
     return QDITSelector(cfg.k, alpha, optimizer=cfg.optimizer, method=cfg.method,
-                        epsilon=cfg.epsilon, seed=seed, device=cfg.device,
+                        epsilon=cfg.epsilon, random_state=seed, device=cfg.device,
                         memory_budget_mb=cfg.memory_budget_mb, tau=cfg.tau,
                         n_clusters=cfg.n_clusters, normalize_quality=False,
                         checkpoint_every=cfg.checkpoint_every if callback else 0,
@@ -185,8 +185,9 @@ def select_one(cfg: SelectConfig, alpha: float, x: np.ndarray, q: np.ndarray, se
         from mixray.distributed.selection import greedi_select
 
         res, picks, _ = greedi_select(
-            x, q, cfg.k, alpha, partitions=cfg.partitions, optimizer=cfg.optimizer, seed=seed,
-            memory_budget_mb=cfg.memory_budget_mb, epsilon=cfg.epsilon, normalize_quality=False,
+            x, q, cfg.k, alpha, partitions=cfg.partitions, optimizer=cfg.optimizer,
+            random_state=seed, memory_budget_mb=cfg.memory_budget_mb, epsilon=cfg.epsilon,
+            normalize_quality=False,
             num_gpus=cfg.num_gpus, num_cpus=cfg.num_cpus, threads=cfg.threads, device=cfg.device)
         if len(res.ranking) < cfg.k:
             raise InputError(f"select: GreeDi found only {len(res.ranking)} < k={cfg.k} candidates")
@@ -198,18 +199,18 @@ def select_one(cfg: SelectConfig, alpha: float, x: np.ndarray, q: np.ndarray, se
         if greedy and cfg.distributed == "sharded":
             from mixray.distributed.selection import sharded_select
 
-            sharded_select(sel, x, q, cfg.actors, initial_state=state, num_gpus=cfg.num_gpus,
-                           num_cpus=cfg.num_cpus, threads=cfg.threads)
+            sharded_select(sel, x, q, concurrency=cfg.actors, initial_state=state,
+                           num_gpus=cfg.num_gpus, num_cpus=cfg.num_cpus, threads=cfg.threads)
         else:
             sel.fit(x, q, initial_state=state)
         extra = {"stats": sel.stats_} if sel.stats_ else {}
         # baselines and alpha = 1 have no greedy state: score them from the selector
-        final = sel.state_ or GreedyState(sel.ranking_, sel.gains_, sel.scores_, None, 0)
+        final = sel.state_ or GreedyState(sel.ranking_, sel.gains_, sel.scores_, None)
         summary = (sel.objective_, sel.diversity_, sel.quality_mean_)
     if final.cur is not None:
         if use_ckpt and cfg.checkpoint_every:
             save_checkpoint(ckpt, final, fp)  # keeps a finished alpha of a sweep
-        summary = qdit.score_from_cur(final.cur, final.scale_exp, q[final.selected], alpha)
+        summary = qdit.score_from_cur(final.cur, q[final.selected], alpha)
     obj, div, qm = summary
     return {"ranking": final.selected, "gains": final.gains, "scores": final.scores,
             "summary": {"alpha": alpha, "objective": obj, "diversity": div, "quality_mean": qm,

@@ -29,7 +29,8 @@ def test_sharded_greedy_two_actors(ray_session, alpha):
     from mixray.distributed.selection import sharded_select
 
     x, q = golden_pool()
-    sel = sharded_select(QDITSelector(K, alpha, memory_budget_mb=0.0005), x, q, 2, num_gpus=0)
+    sel = sharded_select(QDITSelector(K, alpha, memory_budget_mb=0.0005), x, q, concurrency=2,
+                         num_gpus=0)
     assert_golden(f"lazy-{alpha}", sel.ranking_, sel.gains_, sel.objective_)
 
 
@@ -37,7 +38,7 @@ def test_greedi_over_ray_tasks(ray_session):
     from mixray.distributed.selection import greedi_select
 
     x, q = golden_pool()
-    res, picks, _ = greedi_select(x, q, K, 0.5, partitions=3, seed=0, num_gpus=0)
+    res, picks, _ = greedi_select(x, q, K, 0.5, partitions=3, random_state=0, num_gpus=0)
     assert [p.tolist() for p in picks] == GREEDI_PICKS
     assert_golden("greedi-3", res.ranking, res.gains,
                   evaluate_ranking(x, res.ranking, q, 0.5).objective)
@@ -48,8 +49,8 @@ def test_distributed_kmeans_equals_single_process(ray_session, init):
     from mixray.distributed.kmeans import DistributedKMeans
 
     X = golden_blobs()
-    km = DistributedKMeans(5, n_actors=2, init=X[:5].copy() if init == "fixed" else init,
-                           seed=0).fit(X)
+    km = DistributedKMeans(5, concurrency=2, init=X[:5].copy() if init == "fixed" else init,
+                           random_state=0).fit(X)
     assert_kmeans_golden(init, km)
 
 
@@ -57,5 +58,5 @@ def test_distributed_kmeans_equals_single_process(ray_session, init):
 def test_distributed_kmeans_seedings(ray_session, init):
     from mixray.distributed.kmeans import DistributedKMeans
 
-    km = DistributedKMeans(5, n_actors=2, init=init, seed=0).fit(golden_blobs())
+    km = DistributedKMeans(5, concurrency=2, init=init, random_state=0).fit(golden_blobs())
     assert_kmeans_golden(init, km, DIST_KMEANS)

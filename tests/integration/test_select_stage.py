@@ -227,12 +227,13 @@ def test_two_actors_equal_single_process(ray_session):
     states = []
     single = QDITSelector(50, 0.7, memory_budget_mb=0.5, checkpoint_every=20,
                           callback=states.append).fit(x, q)
-    dist = sharded_select(QDITSelector(50, 0.7, memory_budget_mb=0.5), x, q, 2, num_gpus=0)
+    dist = sharded_select(QDITSelector(50, 0.7, memory_budget_mb=0.5), x, q, concurrency=2,
+                          num_gpus=0)
     np.testing.assert_array_equal(dist.ranking_, single.ranking_)
     np.testing.assert_array_equal(dist.gains_, single.gains_)
     np.testing.assert_array_equal(dist.scores_, single.scores_)
     assert math.isclose(dist.objective_, single.objective_, rel_tol=1e-12)
-    resumed = sharded_select(QDITSelector(50, 0.7, memory_budget_mb=0.5), x, q, 2,
+    resumed = sharded_select(QDITSelector(50, 0.7, memory_budget_mb=0.5), x, q, concurrency=2,
                              initial_state=states[0], num_gpus=0)
     np.testing.assert_array_equal(resumed.ranking_, single.ranking_)
     res, picks, _ = greedi_select(x, q, 50, 0.7, partitions=1, num_gpus=0)

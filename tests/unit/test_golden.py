@@ -13,15 +13,9 @@ from golden import (
     golden_pool,
 )
 
+from mixray.algorithms.facility import Pool, greedi
 from mixray.algorithms.kmeans import KMeans
-from mixray.algorithms.qdit import (
-    Pool,
-    QDITSelector,
-    check_embeddings,
-    evaluate_ranking,
-    greedi,
-    minmax,
-)
+from mixray.algorithms.qdit import QDITSelector, check_embeddings, evaluate_ranking, minmax
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -44,13 +38,13 @@ def test_exact_optimizers(pool, alpha, optimizer, budget_mb):
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.9])
 def test_stochastic(pool, alpha):
     x, q = pool
-    sel = QDITSelector(K, alpha, optimizer="stochastic", epsilon=0.3, seed=7).fit(x, q)
+    sel = QDITSelector(K, alpha, optimizer="stochastic", epsilon=0.3, random_state=7).fit(x, q)
     assert_golden(f"stochastic-{alpha}", sel.ranking_, sel.gains_, sel.objective_)
 
 
-@pytest.mark.parametrize("method, params", [("random", {"seed": 3}), ("quality", {}),
+@pytest.mark.parametrize("method, params", [("random", {"random_state": 3}), ("quality", {}),
                                             ("threshold", {"tau": 0.8}),
-                                            ("cluster", {"n_clusters": 4, "seed": 0})])
+                                            ("cluster", {"n_clusters": 4, "random_state": 0})])
 def test_methods(pool, method, params):
     x, q = pool
     sel = QDITSelector(K, 0.5, method=method, **params).fit(x, q)
@@ -70,5 +64,5 @@ def test_greedi(pool):
 @pytest.mark.parametrize("init", ["fixed", "k-means++", "random"])
 def test_kmeans(init):
     X = golden_blobs()
-    km = KMeans(5, init=X[:5].copy() if init == "fixed" else init, seed=0).fit(X)
+    km = KMeans(5, init=X[:5].copy() if init == "fixed" else init, random_state=0).fit(X)
     assert_kmeans_golden(init, km)
