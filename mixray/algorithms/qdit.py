@@ -378,6 +378,7 @@ class QDITSelector(BaseEstimator):
             _check_state(initial_state, n, p["k"])
         dev = resolve_device(p["device"], where="device")
         self.state_, self.stats_ = None, {}
+        self.__dict__.pop("labels_", None)  # set by method="cluster" only
         if p["method"] == "qdit" and p["alpha"] < 1.0:
             pool = fl.Pool.build(x, q, dev, inplace=True)  # x is our own normalised copy
             cur = self._fit_greedy(pool, p, initial_state, shards)

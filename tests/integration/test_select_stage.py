@@ -198,6 +198,28 @@ def test_stage_resumes_after_a_kill(run_dir, tmp_path_factory, shared_data, monk
     assert "ignoring" in caplog.text and "resuming" not in caplog.text
 
 
+def test_checkpoint_round_trip_and_the_previous_format(tmp_path):
+    """A checkpoint holds selected, gains, scores and the bit-exact running max; one written
+    before the facility refactor (with its constant ``scale_exp`` field) still resumes."""
+    from mixray.algorithms.facility import GreedyState
+
+    z = np.load(DATA)
+    x = z["embeddings"].astype(np.float32)[:120]
+    states = []
+    QDITSelector(12, 0.0, checkpoint_every=6, callback=states.append).fit(x)
+    path = tmp_path / "alpha0.0.npz"
+    sel_stage.save_checkpoint(path, states[0], "fp")
+    back = sel_stage.load_checkpoint(path, "fp")
+    assert isinstance(back, GreedyState) and back.step == 6
+    np.testing.assert_array_equal(back.cur, states[0].cur)
+    assert sel_stage.load_checkpoint(path, "other") is None
+    old = tmp_path / "old.npz"
+    np.savez(old, selected=back.selected, gains=back.gains, scores=back.scores, cur=back.cur,
+             scale_exp=np.int64(22), fingerprint=np.bytes_(b"fp"))
+    resumed = QDITSelector(12, 0.0).fit(x, initial_state=sel_stage.load_checkpoint(old, "fp"))
+    np.testing.assert_array_equal(resumed.ranking_, QDITSelector(12, 0.0).fit(x).ranking_)
+
+
 def test_stage_rejects_mismatched_ids_and_large_k(tmp_path, shared_data):
     a = tmp_path / "a"
     make_run_dir(a, shared_data / "train", drop_quality=5)
