@@ -70,9 +70,13 @@ class Options:
     values: tuple
 
     def check(self, name: str, value: Any, error: type[MixrayError]) -> Any:
-        if isinstance(value, str | int | float | type(None)) and value in self.values:
-            return value
-        raise error(f"{name} must be one of {list(self.values)}, got {value!r}")
+        try:
+            ok = bool(value in self.values)
+        except (TypeError, ValueError):  # e.g. an array: not one of the choices
+            ok = False
+        if not ok:
+            raise error(f"{name} must be one of {list(self.values)}, got {value!r}")
+        return value
 
 
 def validate(params: dict[str, Any], constraints: dict, error: type[MixrayError]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import numpy as np
 from mixray.algorithms import facility as fl
 from mixray.algorithms import qdit
 from mixray.algorithms.devices import resolve_device
-from mixray.algorithms.params import Interval, Options
+from mixray.algorithms.params import Interval, Options, validate
 from mixray.choices import SELECT_OPTIMIZERS
 from mixray.distributed.runtime import gpus_per_actor
 from mixray.errors import SelectionInputError
@@ -153,12 +153,13 @@ def sharded_select(selector: qdit.QDITSelector, embeddings, quality=None, *, con
     torch threads (default ``num_cpus``). Ray must be initialised by the caller.
     """
     concurrency = Interval(int, 1, None).check("concurrency", concurrency, SelectionInputError)
+    p = validate(selector.get_params(deep=False), selector._constraints, SelectionInputError)
     x = qdit.check_embeddings(embeddings)
-    q = qdit.prepare_quality(quality, len(x), selector.normalize_quality)
+    q = qdit.prepare_quality(quality, len(x), p["normalize_quality"])
     pool = fl.Pool.build(x, q, resolve_device("cpu"), inplace=True)
-    budget = int(selector.memory_budget_mb * (1 << 20))
+    budget = int(p["memory_budget_mb"] * (1 << 20))
     shards = RayShards(pool, concurrency, budget, start=initial_state, num_gpus=num_gpus,
-                       num_cpus=num_cpus, threads=threads, device=selector.device)
+                       num_cpus=num_cpus, threads=threads, device=p["device"])
     try:
         return selector.fit(embeddings, quality, initial_state=initial_state, shards=shards)
     finally:
@@ -192,7 +193,12 @@ def greedi_select(embeddings, quality, k: int, alpha: float, *, partitions: int,
     x = qdit.check_embeddings(embeddings)
     n = len(x)
     k, alpha = qdit.check_k(k, n), qdit.check_alpha(alpha)
-    partitions = Interval(int, 1, None).check("partitions", partitions, SelectionInputError)
+    partitions, random_state, memory_budget_mb, epsilon = (
+        rule.check(name, value, SelectionInputError) for name, value, rule in (
+            ("partitions", partitions, Interval(int, 1, None)),
+            ("random_state", random_state, Interval(int, 0, None)),
+            ("memory_budget_mb", memory_budget_mb, Interval(float, 0, None)),
+            ("epsilon", epsilon, Interval(float, 0, 1, closed="neither"))))
     Options(SELECT_OPTIMIZERS).check("optimizer", optimizer, SelectionInputError)
     q = qdit.prepare_quality(quality, n, normalize_quality)
     gpus = gpus_per_actor(num_gpus, device=device, where="num_gpus")
