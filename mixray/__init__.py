@@ -39,6 +39,15 @@ _API = {
     "select_nearest": "mixray.algorithms.mdit",
     # SFTMix
     "median_split": "mixray.algorithms.sampling",
+    # the losses (tensor functions: logits [B, T, V], targets [B, T])
+    "ntp_loss": "mixray.algorithms.losses",
+    "mdit_loss": "mixray.algorithms.losses",
+    "sftmix_loss": "mixray.algorithms.losses",
+    "mixup_cross_entropy": "mixray.algorithms.losses",
+    # runs: a config, one stage or a sequence (what the CLI calls)
+    "load_config": "mixray.config",
+    "run_stage": "mixray.stages",
+    "run_stages": "mixray.stages.runner",
     # the one error family
     "MixrayError": "mixray.errors",
     "ConfigError": "mixray.errors",
@@ -48,6 +57,7 @@ _API = {
     "MixInputError": "mixray.errors",
     "TrainingConfigError": "mixray.errors",
     "ResourceError": "mixray.errors",
+    "RunDirLockedError": "mixray.errors",
 }
 
 __all__ = sorted(_API)
