@@ -286,51 +286,53 @@ class _JsonList:
             return _MORE if not self.eof else (value, end)
         return (value, end) if buf[j] in ",]{" else None
 
-    def element_end(self, start: int) -> int | None:
-        """Where the (bad) element at ``start`` ends by its brackets and quotes; None: not before EOF.
+    def element_end(self, start: int) -> tuple[int | None, bool]:
+        """Where the (bad) element at ``start`` ends by its brackets and quotes (None: not before
+        EOF), and whether the quotes were unbalanced on the way.
 
         A JSON string cannot hold a raw line break, so a quote left open by the
-        damage is closed at the end of its line.
+        damage is closed at the end of its line (and the scan is marked unsure).
         """
-        depth, in_str, opened, i = 0, False, False, start
+        depth, in_str, unsure, i = 0, False, False, start
         while True:
             limit = len(self.buf) - (0 if self.eof else 1)  # an escape may straddle the end
             for m in _LEX.finditer(self.buf, i, limit):
                 c, i = m.group(), m.end()
                 if c == '"' or c == "\n":
+                    unsure |= in_str and c == "\n"
                     in_str = c == '"' and not in_str
                 elif in_str or len(c) == 2:
                     continue
                 elif c in "{[":
-                    if depth == 0 and opened and c == "{":
-                        return m.start()  # the next element, without a comma
-                    depth, opened = depth + 1, True
+                    if depth == 0 and c == "{" and m.start() > start:
+                        return m.start(), unsure  # the next element (a comma or our "{" is lost)
+                    depth += 1
                 elif c in "}]":
                     depth -= 1
                     if depth < 0:
-                        return m.start()  # the list's end
+                        return m.start(), unsure  # the list's end
                 elif depth == 0:
-                    return m.start()  # the comma before the next element
+                    return m.start(), unsure  # the comma before the next element
             if self.eof:
-                return None
+                return None, True
             i = max(i, limit - 1)
             self.refill()
 
-    def fallback(self, start: int) -> int:
-        """The next object after ``start`` that decodes (the scanner lost its way), else the end."""
-        for m in _RESYNC.finditer(self.buf, start + 1):
+    def fallback(self, start: int, end: int) -> int:
+        """The first object in ``(start, end)`` that decodes and is followed by a separator, else ``end``."""
+        for m in _RESYNC.finditer(self.buf, start + 1, end):
             got = self.decode(m.end() - 1)
-            if got is not None and isinstance(got[0], dict):
+            if got is not None and got is not _MORE and isinstance(got[0], dict):
                 return m.end() - 1
-        return len(self.buf)
+        return end
 
     def bad_end(self, start: int) -> int:
-        end = self.element_end(start)
-        if end is not None:
-            return end
-        # EOF inside the element: a list cut off there, or (if it ends with ']') a scanner lost
-        # to the damage, e.g. an opening bracket that never closes.
-        return self.fallback(start) if self.buf.rstrip(_JSON_WS).endswith("]") else len(self.buf)
+        end, unsure = self.element_end(start)
+        if end is None and not self.buf.rstrip(_JSON_WS).endswith("]"):
+            return len(self.buf)  # EOF inside the element: the list is cut off here
+        # The scan lost its way (EOF in a closed list, or a quote open at a line end): take
+        # the first object inside that reads as an element, if any.
+        return self.fallback(start, len(self.buf) if end is None else end) if unsure else end
 
 
 def read_json_list(path: Path) -> Iterator[RawRecord]:

@@ -158,3 +158,20 @@ def test_json_source_that_is_not_a_list_is_a_named_error(tmp_path):
     p.write_text(json.dumps({"a": 1}))
     with pytest.raises(InputError, match="must be a list"):
         _read(p)
+
+
+def test_json_list_element_that_lost_its_opening_brace_costs_only_itself(tmp_path):
+    """Found by the fuzz test: the damaged element's quotes are inverted up to its line end."""
+    p = tmp_path / "l.json"
+    p.write_text('[\x00\x00id": "r0", "q": "q0"},\n {"id": "r1", "q": "q1"},\n {"id": "r2"}]')
+    recs = _read(p)
+    assert [r.value for r in recs if r.error is None] == [{"id": "r1", "q": "q1"}, {"id": "r2"}]
+
+
+def test_json_list_lost_quote_in_compact_json_costs_only_its_element(tmp_path):
+    """Found by the fuzz test: '{' flipped to '"' inverts every later quote on that line."""
+    p = tmp_path / "l.json"
+    p.write_text('[ ""id": "r0", "q": "q0"}, {"id": "r1", "q": "q1"}\n]\n')
+    recs = _read(p)
+    assert [r.value for r in recs if r.error is None] == [{"id": "r1", "q": "q1"}]
+    assert len(recs) == 2
