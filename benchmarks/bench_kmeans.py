@@ -62,7 +62,7 @@ def run(n: int, d: int, k: int, max_iter: int, tol: float, repeat: int) -> list[
         "scikit-learn": lambda: SKKMeans(k, init=init, n_init=1, max_iter=max_iter, tol=tol,
                                          algorithm="lloyd").fit(X),
         "mixray 1 process": lambda: KMeans(k, init=init, max_iter=max_iter, tol=tol).fit(X),
-        "mixray 2 actors": lambda: DistributedKMeans(k, n_actors=2, num_cpus=1, threads=1,
+        "mixray 2 actors": lambda: DistributedKMeans(k, concurrency=2, num_cpus=1, threads=1,
                                                      init=init, max_iter=max_iter, tol=tol).fit(X),
     }
     best: dict[str, tuple] = {}
@@ -111,8 +111,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         limits = threadpool_limits(args.threads)  # BLAS and OpenMP pools of scikit-learn
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=2_000_000_000,
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             object_store_memory=2_000_000_000, log_to_driver=False)
     print(f"cores {os.cpu_count()}, torch threads {torch.get_num_threads()}, "
           f"max_iter {args.max_iter}, tol {args.tol}, repeat {args.repeat}")
     try:

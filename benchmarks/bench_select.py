@@ -123,7 +123,7 @@ def run_method(method: str, x: np.ndarray, k: int, budget_mb: float,
 
     if method in ("mixray-lazy", "mixray-stochastic"):
         opt = method.split("-", 1)[1]
-        sel = QDITSelector(k, alpha=0.0, optimizer=opt, epsilon=EPSILON, seed=0,
+        sel = QDITSelector(k, alpha=0.0, optimizer=opt, epsilon=EPSILON, random_state=0,
                            memory_budget_mb=budget_mb, device="cpu", threads=threads).fit(x)
         info = {k_: int(v) for k_, v in sel.stats_.items()}
         return sel.ranking_, info
@@ -131,7 +131,7 @@ def run_method(method: str, x: np.ndarray, k: int, budget_mb: float,
         from mixray.distributed.selection import sharded_select
 
         sel = sharded_select(QDITSelector(k, alpha=0.0, memory_budget_mb=budget_mb, device="cpu"),
-                             x, None, 2, num_gpus=0, num_cpus=1, threads=1)
+                             x, None, concurrency=2, num_gpus=0, num_cpus=1, threads=1)
         info = {k_: int(v) for k_, v in sel.stats_.items()}
         return sel.ranking_, info
     if method == "mixray-greedi4":
@@ -152,8 +152,8 @@ def worker(method: str, n: int, k: int, budget_mb: float, out: str, threads: int
     if method in ("mixray-sharded2", "mixray-greedi4"):
         import ray
 
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=1_000_000_000,
-                 log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False,
+                 object_store_memory=1_000_000_000, log_to_driver=False)
     with _Peak() as peak:
         t0 = time.perf_counter()
         ranking, info = run_method(method, x, k, budget_mb, threads)

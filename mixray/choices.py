@@ -11,6 +11,11 @@ from __future__ import annotations
 # ingest
 SOURCE_FORMATS = ("auto", "jsonl", "json", "parquet", "csv", "hf")
 
+# what a local model directory must hold for its use (mixray.models.registry.check_model):
+# "model" (AutoModel + AutoTokenizer: score, train), "sentence-transformers" (embed),
+# "tokenizer" (mix), "any" (one of them; an empty directory never passes)
+MODEL_NEEDS = ("any", "model", "sentence-transformers", "tokenizer")
+
 # embed / score (registries: mixray.models.callables.ENCODERS, SCORERS)
 ENCODERS = ("sentence-transformers", "lm-embedding", "lm-last-hidden")
 EMBED_TEXTS = ("instruction", "full", "output")

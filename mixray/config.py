@@ -1,9 +1,13 @@
 """Typed run configuration: YAML in, validated pydantic models out.
 
 Every section forbids unknown keys, so a typo (``embed.batchsize``) is an error
-that names the key instead of a silently ignored setting. ``a.b=c`` overrides
-from the command line are applied to the raw YAML before validation, so they
-are validated exactly like the file.
+that names the key instead of a silently ignored setting. Values are strict: an
+integer setting takes an integer (not ``true``, ``1.0`` or ``"5"``), a boolean
+takes ``true``/``false``, a float takes a number (not a boolean); a YAML list is
+accepted where a pair is expected. A key repeated in one YAML mapping is an error
+naming the key and its line (YAML would silently keep the last). ``a.b=c``
+overrides from the command line are applied to the raw YAML before validation,
+so they are validated exactly like the file.
 
 This module imports only pydantic and yaml: ``mixray --help`` and
 ``mixray validate`` stay instant.
@@ -13,11 +17,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import types
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from mixray import choices
 from mixray.errors import ConfigError
@@ -42,8 +56,15 @@ StageName = Literal[choices.STAGES]
 STAGE_ORDER: tuple[str, ...] = choices.STAGES
 
 
+# YAML has no tuples: where a pair is expected a list is accepted (its items stay strict).
+FloatPair = Annotated[tuple[float, float], Strict(False)]
+StrPair = Annotated[tuple[str, str], Strict(False)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """No unknown keys; strict types (``select.k: true`` is not 1, ``"5"`` is not 5)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
     # keys that were renamed: old -> new; using the old one is an error that names the new one
     RENAMED: ClassVar[dict[str, str]] = {}
 
@@ -55,6 +76,27 @@ class _Strict(BaseModel):
             if old:
                 raise ValueError("; ".join(f"{k!r} was renamed to {cls.RENAMED[k]!r}" for k in old))
         return data
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # strict mode still maps true onto Literal[0, 1, 2, 3]'s 1 (true == 1 in Python)
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and not _admits_bool(field.annotation):
+            raise ValueError(f"a boolean is not allowed here, got {json.dumps(value)}")
+        return value
+
+
+def _admits_bool(tp: Any) -> bool:
+    """Whether a field's type accepts a boolean (bool itself, or a union/Literal holding one)."""
+    if tp is bool or tp is Any:
+        return True
+    args = get_args(tp)
+    if get_origin(tp) is Literal:
+        return any(isinstance(a, bool) for a in args)
+    if get_origin(tp) is Annotated:
+        return _admits_bool(args[0])
+    return get_origin(tp) in (Union, types.UnionType) and any(_admits_bool(a) for a in args)
 
 
 def _only_for(section: BaseModel, key: str, used: bool, when: str) -> None:
@@ -175,7 +217,7 @@ class MixConfig(_Strict):
 
     model: str = Field(default="SmolLM2-135M-Instruct",
                        description="tokenizer for input token lengths (the model to be tuned)")
-    pairs: list[tuple[str, str]] | None = Field(
+    pairs: list[StrPair] | None = Field(
         default=None, description="task pairs to mix, e.g. [[alpaca, gsm8k]]; null = all pairs")
     alpha: float = Field(default=8.0, gt=0, description="λ ~ Beta(alpha, alpha); paper: 8 (best in ablation: 4)")
     mixes_per_pair: int = Field(default=1, ge=1,
@@ -305,7 +347,7 @@ class TrainConfig(_Strict):
     lr: float = Field(default=2e-5, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_ratio: float = Field(default=0.03, ge=0, le=1, description="cosine schedule warm-up share")
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: FloatPair = (0.9, 0.999)
     adam_eps: float = Field(default=1e-8, gt=0)
     max_grad_norm: float = Field(default=1.0, ge=0, description="0 = no clipping")
     precision: TrainPrecision = Field(default="auto", description="auto: bf16 on GPUs that have it, else fp32")
@@ -521,12 +563,45 @@ def section_hash(section: BaseModel | dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that rejects a key repeated in one mapping (YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # "<<: *anchor" merges are overridden by the keys beside them
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {seen[key]})",
+                        key_node.start_mark)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_load(text: str, origin: str) -> Any:
+    """Parse YAML text; a syntax error or a duplicate key is a ConfigError naming ``origin:line``."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"{origin}:{mark.line + 1}" if mark is not None else origin
+        if e.problem and e.problem.startswith("duplicate key"):
+            raise ConfigError(e.problem, where=where) from None
+        raise ConfigError(f"not valid YAML: {e}", where=origin) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not valid YAML: {e}", where=origin) from None
+
+
 def _parse_scalar(text: str, key: str = "") -> Any:
     """``a.b=c`` values are parsed as YAML scalars/flow collections: 3, true, null, [1, 2]."""
     if text == "":
         return ""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"override value {text!r} is not a YAML value ({problem}); quote strings, "
@@ -570,6 +645,8 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (not a setting of this section)"
+        elif e["type"].endswith(("_type", "_parsing")) or e["type"] == "literal_error":
+            msg += f", got {_shown(e.get('input'))}"
         lines.append(f"  - {loc}: {msg}")
     return "\n".join(lines)
 
@@ -627,6 +704,12 @@ def resolve_config_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     return raw
 
 
+def _shown(value: Any) -> str:
+    """A received value as the user wrote it in YAML (true, not True), cut short."""
+    text = json.dumps(value, default=str) if isinstance(value, bool | None | int | float) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read YAML, apply overrides, validate. Raises ConfigError listing every problem.
 
@@ -639,9 +722,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"not valid YAML: {e}", where=str(path)) from None
+        raw = _yaml_load(path.read_text(encoding="utf-8"), str(path)) or {}
     except UnicodeDecodeError as e:
         raise ConfigError(f"not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})",
                           where=str(path)) from None

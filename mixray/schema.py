@@ -9,7 +9,8 @@ Schema (``examples.parquet``)::
     input        str   may be ""
     output       str   non-empty
     messages     list<struct<role: str, content: str>> | null   (multi-turn sources)
-    quality      float | null   (when the source maps a quality field)
+    quality      float | null   (when the source maps a quality field; a numeric string
+                                 such as a CSV cell "0.5" is converted, anything else rejected)
 
 No I/O here: readers hand records in, this module says "example" or "reject,
 because ...". The reasons are a closed set (``RejectReason``).
@@ -20,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -116,6 +118,46 @@ def _text(record: dict[str, Any], key: str, schema_field: str, required: bool) -
     return value
 
 
+# A decimal number as text (CSV cells, some JSON exports): "0.5", " 3 ", "-1e-3", "+.5".
+_NUMBER = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$", re.ASCII)
+
+
+def _own_id(record: dict[str, Any], key: str) -> str:
+    raw_id = record.get(key)
+    if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
+        raise _Reject(RejectReason.MISSING_FIELD, f"field {key!r} (id) is missing or empty")
+    if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
+        raise _Reject(RejectReason.WRONG_TYPE,
+                      f"field {key!r} (id) must be a string or integer, got {type(raw_id).__name__}")
+    if isinstance(raw_id, str) and _has_surrogates(raw_id):
+        raise _Reject(RejectReason.INVALID_UTF8, f"field {key!r} (id) is not valid UTF-8")
+    return str(raw_id)
+
+
+def _quality(record: dict[str, Any], key: str) -> float:
+    """The quality field as a finite float; a numeric string is converted (its declared type)."""
+    q = record.get(key)
+    if isinstance(q, str):
+        if _has_surrogates(q):
+            raise _Reject(RejectReason.INVALID_UTF8, f"field {key!r} (quality) is not valid UTF-8")
+        if not q.strip():
+            q = None
+        elif _NUMBER.match(q):
+            q = float(q)
+    if q is None:
+        raise _Reject(RejectReason.MISSING_FIELD, f"field {key!r} (quality) is missing")
+    if isinstance(q, bool) or not isinstance(q, int | float) or not math.isfinite(q):
+        raise _Reject(RejectReason.WRONG_TYPE,
+                      f"field {key!r} (quality) must be a finite number, got {_show(q)}")
+    return float(q)
+
+
+def _show(value: Any, n: int = 60) -> str:
+    """A short repr of a received value for a reject's detail."""
+    text = repr(value)
+    return text if len(text) <= n else text[:n] + "..."
+
+
 def _messages(record: dict[str, Any], key: str) -> list[dict[str, str]]:
     if key not in record or record[key] is None:
         raise _Reject(RejectReason.MISSING_FIELD, f"field {key!r} (conversations) is missing")
@@ -186,28 +228,8 @@ def map_record(
             instruction = _text(record, fields.instruction, "instruction", required=True)
             input_ = _text(record, fields.input, "input", required=False) if fields.input else ""
             output = _text(record, fields.output, "output", required=True)
-        own_id = None
-        if fields.id:
-            raw_id = record.get(fields.id)
-            if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
-                raise _Reject(RejectReason.MISSING_FIELD, f"field {fields.id!r} (id) is missing or empty")
-            if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
-                raise _Reject(
-                    RejectReason.WRONG_TYPE,
-                    f"field {fields.id!r} (id) must be a string or integer, got {type(raw_id).__name__}",
-                )
-            own_id = str(raw_id)
-        quality = None
-        if fields.quality:
-            q = record.get(fields.quality)
-            if q is None:
-                raise _Reject(RejectReason.MISSING_FIELD, f"field {fields.quality!r} (quality) is missing")
-            if isinstance(q, bool) or not isinstance(q, int | float) or not math.isfinite(q):
-                raise _Reject(
-                    RejectReason.WRONG_TYPE,
-                    f"field {fields.quality!r} (quality) must be a finite number, got {q!r}",
-                )
-            quality = float(q)
+        own_id = _own_id(record, fields.id) if fields.id else None
+        quality = _quality(record, fields.quality) if fields.quality else None
     except _Reject as r:
         return Rejected(r.reason, r.detail)
     return {

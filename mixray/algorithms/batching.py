@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from mixray.algorithms.ifd import IGNORE_INDEX
+from mixray.errors import TrainingConfigError
 
 Response = int | Sequence[int]  # n_prompt, or flat spans [s0, e0, s1, e1, ...]
 
@@ -114,7 +115,7 @@ def truncate_pair(prompt: list[int], response: list[int], max_length: int) -> tu
     header stay next to the response). Every example keeps ≥ 1 response token.
     """
     if max_length < 2:
-        raise ValueError(f"max_length must be >= 2, got {max_length}")
+        raise TrainingConfigError(f"max_length must be >= 2, got {max_length}")
     n = len(prompt) + len(response)
     if n <= max_length:
         return prompt, response, False

@@ -49,15 +49,18 @@ import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal, Protocol, get_args
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator
 
-from mixray.algorithms.facility import gemm_threads
+from mixray.algorithms.devices import resolve_device
+from mixray.algorithms.params import Interval, validate
+from mixray.algorithms.threads import gemm_threads
+from mixray.choices import KMEANS_INITS
+from mixray.errors import ClusteringInputError
 
-InitName = Literal["k-means++", "random"]
-INIT_NAMES: tuple[str, ...] = get_args(InitName)
 # A distance block holds about this many entries (rows × centres, at least 256 rows):
 # 512 KB in float32 on CPU, so a chunk's distances stay in L2 while its row minima and
 # sums are taken (measured: 17% faster per iteration than 8 MB blocks at k = 100);
@@ -496,94 +499,110 @@ class LocalShards:
 def as_matrix(X, name: str = "X", device: torch.device | str | None = None) -> torch.Tensor:
     """Validate a 2-D finite numeric matrix and return it as a float32/float64 tensor.
 
-    The public boundary: kernels above assume what this checks.
+    The public boundary: kernels above assume what this checks. Raises
+    :class:`~mixray.errors.ClusteringInputError`.
     """
     if isinstance(X, torch.Tensor):
         t = X.detach()
     else:
         a = np.asarray(X)
         if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
-            raise ValueError(f"{name} must be numeric, got dtype {a.dtype}")
+            raise ClusteringInputError(f"{name} must be numeric, got dtype {a.dtype}")
         t = torch.from_numpy(np.ascontiguousarray(a))
     if t.ndim != 2:
-        raise ValueError(f"{name} must be 2-D [n_samples, n_features], got shape {tuple(t.shape)}")
+        raise ClusteringInputError(
+            f"{name} must be 2-D [n_samples, n_features], got shape {tuple(t.shape)}")
     if t.shape[0] == 0 or t.shape[1] == 0:
-        raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
+        raise ClusteringInputError(f"{name} is empty: shape {tuple(t.shape)}")
     t = t.to(dtype=work_dtype(t.dtype), device=device if device is not None else t.device)
     # one reduction: a NaN/inf makes the sum non-finite (an overflow too: then look closer)
     if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
+        raise ClusteringInputError(f"{name} contains NaN or infinite values")
     return t.contiguous()
 
 
-def resolve_device(device: str | torch.device | None, X) -> torch.device:
-    """``None``: where ``X`` is (a CUDA tensor stays on its GPU); ``"auto"``: CUDA if available."""
-    if device is None:
-        return X.device if isinstance(X, torch.Tensor) else torch.device("cpu")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def check_k(n_clusters: int, n_samples: int) -> int:
+    """``1 <= n_clusters <= n_samples``."""
+    k = Interval(int, 1, None).check("n_clusters", n_clusters, ClusteringInputError)
+    if k > n_samples:
+        raise ClusteringInputError(f"n_clusters={k} > number of points {n_samples}")
+    return k
 
 
-def check_k(n_clusters: int, n_samples: int) -> None:
-    if not isinstance(n_clusters, int | np.integer) or isinstance(n_clusters, bool) or n_clusters < 1:
-        raise ValueError(f"n_clusters must be a positive integer, got {n_clusters!r}")
-    if n_clusters > n_samples:
-        raise ValueError(f"n_clusters={n_clusters} > number of points {n_samples}")
+def check_init(init, names: tuple[str, ...]) -> None:
+    """``init`` is one of ``names`` or an array (its shape is checked against the data later)."""
+    if isinstance(init, str) and init not in names:
+        raise ClusteringInputError(f"init={init!r}; allowed: {', '.join(names)} or an array [k, d]")
 
 
-def check_params(max_iter: int, tol: float, init) -> None:
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-    if not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol}")
-    if isinstance(init, str) and init not in INIT_NAMES:
-        raise ValueError(f"init={init!r}; allowed: {', '.join(INIT_NAMES)} or an array [k, d]")
+def initial_array(init, k: int, d: int, device, dtype) -> torch.Tensor:
+    """An explicit ``init`` as a ``[k, d]`` tensor (validated)."""
+    C0 = as_matrix(init, "init", device).to(dtype)
+    if C0.shape != (k, d):
+        raise ClusteringInputError(f"init has shape {tuple(C0.shape)}; expected "
+                                   f"(n_clusters={k}, n_features={d})")
+    return C0
 
 
-class KMeans:
+# The parameters KMeans and DistributedKMeans share (init is checked by check_init).
+LLOYD_CONSTRAINTS = {
+    "n_clusters": Interval(int, 1, None),
+    "max_iter": Interval(int, 1, None),
+    "tol": Interval(float, 0, None),
+    "random_state": Interval(int, 0, None),
+    "centre_block": Interval(int, 1, None),
+}
+
+
+class KMeans(BaseEstimator):
     """Lloyd KMeans with the scikit-learn interface, on torch (CPU, or CUDA when the data is there).
 
     ``KMeans(n_clusters, init="k-means++"|"random"|array [k,d], max_iter=300, tol=1e-4,
-    seed=0, device=None).fit(X [n,d])`` sets ``cluster_centers_ [k,d]``, ``labels_ [n]``,
-    ``inertia_`` (``Σ‖x_i − c_{l(i)}‖²``), ``n_iter_``, and ``distances_ [n]`` (Euclidean
-    distance of each point to its own centre). Given the same initial centres it
-    matches ``sklearn.cluster.KMeans(algorithm="lloyd", n_init=1)``.
+    random_state=0, device=None).fit(X [n,d])`` sets ``cluster_centers_ [k,d]``,
+    ``labels_ [n]``, ``inertia_`` (``Σ‖x_i − c_{l(i)}‖²``), ``n_iter_``, ``converged_``
+    (``strict``/``tol``/``max_iter``), ``n_relocated_`` and ``distances_ [n]``
+    (Euclidean distance of each point to its own centre). Given the same initial
+    centres it matches ``sklearn.cluster.KMeans(algorithm="lloyd", n_init=1)``.
+    ``device``: None = where ``X`` is, ``auto``, ``cpu``, ``cuda``. One process; the
+    CPU E-step runs on torch's threads (``threads`` of the glossary). Over Ray
+    actors: :class:`mixray.distributed.kmeans.DistributedKMeans`.
     """
 
-    def __init__(self, n_clusters: int = 8, *, init: InitName | np.ndarray = "k-means++",
-                 max_iter: int = 300, tol: float = 1e-4, seed: int = 0,
+    def __init__(self, n_clusters: int = 8, *, init: str | np.ndarray = "k-means++",
+                 max_iter: int = 300, tol: float = 1e-4, random_state: int = 0,
                  device: str | torch.device | None = None,
                  centre_block: int = DEFAULT_CENTRE_BLOCK):
-        self.n_clusters, self.init, self.max_iter, self.tol = n_clusters, init, max_iter, tol
-        self.seed, self.device, self.centre_block = seed, device, centre_block
+        self.n_clusters = n_clusters
+        self.init = init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+        self.device = device
+        self.centre_block = centre_block
 
-    def _initial(self, Xc: torch.Tensor, mean: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        if isinstance(self.init, str):
-            if self.init == "random":
-                idx = torch.as_tensor(random_indices(Xc.shape[0], self.n_clusters, rng))
+    def _initial(self, Xc: torch.Tensor, mean: torch.Tensor, p: dict) -> torch.Tensor:
+        k, init = p["n_clusters"], p["init"]
+        rng = np.random.default_rng(p["random_state"])
+        if isinstance(init, str):
+            if init == "random":
+                idx = torch.as_tensor(random_indices(Xc.shape[0], k, rng))
             else:
-                idx = kmeans_plusplus(Xc, self.n_clusters, rng)
+                idx = kmeans_plusplus(Xc, k, rng)
             return Xc[idx.to(Xc.device)].clone()
-        C0 = as_matrix(self.init, "init", Xc.device).to(Xc.dtype)
-        if C0.shape != (self.n_clusters, Xc.shape[1]):
-            raise ValueError(f"init has shape {tuple(C0.shape)}; expected "
-                             f"(n_clusters={self.n_clusters}, n_features={Xc.shape[1]})")
-        return C0 - mean
+        return initial_array(init, k, Xc.shape[1], Xc.device, Xc.dtype) - mean
 
     def fit(self, X) -> KMeans:
-        device = resolve_device(self.device, X)
-        X = as_matrix(X, "X", device)
-        check_k(self.n_clusters, X.shape[0])
-        check_params(self.max_iter, self.tol, self.init)
-        rng = np.random.default_rng(self.seed)
+        p = validate(self.get_params(deep=False), LLOYD_CONSTRAINTS, ClusteringInputError)
+        check_init(p["init"], KMEANS_INITS)
+        X = as_matrix(X, "X", resolve_device(p["device"], like=X, where="device"))
+        check_k(p["n_clusters"], X.shape[0])
         mean = X.mean(dim=0)
         Xc = X - mean
-        C0 = self._initial(Xc, mean, rng)
-        shards = LocalShards(Xc, self.centre_block)
-        tol = tolerance(self.tol, float(shards.x_sq.double().sum()), *Xc.shape)
+        C0 = self._initial(Xc, mean, p)
+        shards = LocalShards(Xc, p["centre_block"])
+        tol = tolerance(p["tol"], float(shards.x_sq.double().sum()), *Xc.shape)
         with gemm_threads(1 if shards.workers > 1 else None):  # see LocalShards.assign_all
-            res = run_lloyd(shards, C0, max_iter=self.max_iter, tol=tol)
+            res = run_lloyd(shards, C0, max_iter=p["max_iter"], tol=tol)
         self._mean = mean
         self._centres_c = res.centres
         self.cluster_centers_ = (res.centres + mean).cpu().numpy()
@@ -597,11 +616,11 @@ class KMeans:
 
     def _check_fitted(self, X) -> torch.Tensor:
         if not hasattr(self, "cluster_centers_"):
-            raise ValueError("this KMeans is not fitted yet: call fit(X) first")
+            raise ClusteringInputError("this KMeans is not fitted yet: call fit(X) first")
         X = as_matrix(X, "X", self._mean.device).to(self._mean.dtype)
         if X.shape[1] != self.cluster_centers_.shape[1]:
-            raise ValueError(f"X has {X.shape[1]} features; the model was fitted on "
-                             f"{self.cluster_centers_.shape[1]}")
+            raise ClusteringInputError(f"X has {X.shape[1]} features; the model was fitted on "
+                                       f"{self.cluster_centers_.shape[1]}")
         return X - self._mean
 
     def predict(self, X) -> np.ndarray:

@@ -132,8 +132,7 @@ class _MixedRowsCE(torch.autograd.Function):
             if not need_grad:
                 continue
             c = coef_list[g]
-            wsum = wa + wb if wb is not None else wa
-            buf.mul_((c * wsum / sumexp)[:, None])  # exp(z − m)/Σexp = softmax
+            buf.mul_((c * (wa + wb if wb is not None else wa) / sumexp)[:, None])  # c·Σw·softmax
             buf.scatter_add_(1, t_a[s:e, None], -c * wa[:, None])
             if wb is not None:
                 buf.scatter_add_(1, t_b[s:e, None], -c * wb[:, None])

@@ -35,6 +35,8 @@ from itertools import combinations
 
 import numpy as np
 
+from mixray.errors import MixInputError
+
 LAMBDA_EPS = 1e-12  # λ is clipped to [ε, 1−ε]: a Beta draw can round to exactly 0 or 1
 
 
@@ -63,43 +65,43 @@ def default_pairs(tasks: Sequence[str]) -> list[tuple[str, str]]:
 def check_plan_inputs(tasks: np.ndarray, lengths: np.ndarray, pairs: list[tuple[str, str]] | None,
                       alpha: float, mixes_per_pair: int, bucket_width: int,
                       max_length: int | None, max_bucket_gap: int | None) -> list[tuple[str, str]]:
-    """Validate at the boundary; return the task pairs to mix. Raises ValueError naming the problem."""
+    """Validate at the boundary; return the task pairs to mix. Raises MixInputError naming the problem."""
     if not alpha > 0:
-        raise ValueError(f"alpha must be > 0 (λ ~ Beta(alpha, alpha)), got {alpha}")
+        raise MixInputError(f"alpha must be > 0 (λ ~ Beta(alpha, alpha)), got {alpha}")
     if mixes_per_pair < 1:
-        raise ValueError(f"mixes_per_pair (T) must be >= 1, got {mixes_per_pair}")
+        raise MixInputError(f"mixes_per_pair (T) must be >= 1, got {mixes_per_pair}")
     if bucket_width < 1:
-        raise ValueError(f"bucket_width must be >= 1 token, got {bucket_width}")
+        raise MixInputError(f"bucket_width must be >= 1 token, got {bucket_width}")
     if max_bucket_gap is not None and max_bucket_gap < 0:
-        raise ValueError(f"max_bucket_gap must be >= 0, got {max_bucket_gap}")
+        raise MixInputError(f"max_bucket_gap must be >= 0, got {max_bucket_gap}")
     if max_length is not None and max_length < 1:
-        raise ValueError(f"max_length must be >= 1, got {max_length}")
+        raise MixInputError(f"max_length must be >= 1, got {max_length}")
     if tasks.shape != lengths.shape or tasks.ndim != 1:
-        raise ValueError(f"tasks and lengths must be 1-D of equal length, got {tasks.shape} "
+        raise MixInputError(f"tasks and lengths must be 1-D of equal length, got {tasks.shape} "
                          f"and {lengths.shape}")
     if len(lengths) and lengths.min() < 0:
-        raise ValueError("token lengths must be >= 0")
+        raise MixInputError("token lengths must be >= 0")
     present = sorted(set(tasks.tolist()))
     if pairs is None:
         if len(present) < 2:
-            raise ValueError(f"MDIT mixes examples of different tasks, but the data has "
+            raise MixInputError(f"MDIT mixes examples of different tasks, but the data has "
                              f"{len(present)} task(s): {present}")
         pairs = default_pairs(present)
     seen: set[frozenset] = set()
     for a, b in pairs:
         for t in (a, b):
             if t not in present:
-                raise ValueError(f"task pair ({a}, {b}): task {t!r} is not in the data "
+                raise MixInputError(f"task pair ({a}, {b}): task {t!r} is not in the data "
                                  f"(tasks: {', '.join(present)})")
         if a == b:
-            raise ValueError(f"task pair ({a}, {b}): MDIT mixes two different tasks")
+            raise MixInputError(f"task pair ({a}, {b}): MDIT mixes two different tasks")
         if frozenset((a, b)) in seen:
-            raise ValueError(f"task pair ({a}, {b}) is listed twice")
+            raise MixInputError(f"task pair ({a}, {b}) is listed twice")
         seen.add(frozenset((a, b)))
     usable = usable_examples(lengths, max_length)
     for t in sorted({t for p in pairs for t in p}):
         if not usable[tasks == t].any():
-            raise ValueError(f"task {t!r} has no examples in any usable bucket: all "
+            raise MixInputError(f"task {t!r} has no examples in any usable bucket: all "
                              f"{int((tasks == t).sum())} are longer than max_length={max_length} tokens")
     return [tuple(p) for p in pairs]
 
@@ -250,10 +252,10 @@ def select_nearest(labels: np.ndarray, dist: np.ndarray, budget: int, n_clusters
     labels, dist = np.asarray(labels), np.asarray(dist, dtype=np.float64)
     n = len(labels)
     if not 1 <= budget <= n:
-        raise ValueError(f"budget={budget} must be between 1 and the pool size {n}")
+        raise MixInputError(f"budget={budget} must be between 1 and the pool size {n}")
     q = budget // n_clusters if per_cluster is None else per_cluster
     if q < 0:
-        raise ValueError(f"per_cluster must be >= 0, got {per_cluster}")
+        raise MixInputError(f"per_cluster must be >= 0, got {per_cluster}")
     idx = np.arange(n)
     by_cluster = np.lexsort((idx, dist, labels))  # cluster, then distance, then index
     pos = np.empty(n, dtype=np.int64)

@@ -1,15 +1,17 @@
 """QDIT selection: the sklearn-shaped facade, input validation, baselines and paper variants.
 
 ``QDITSelector(k, alpha).fit(embeddings, quality)`` runs the greedy of
-``mixray.algorithms.facility`` (see there for the equations and the
+:mod:`mixray.algorithms.facility` (see there for the equations and the
 performance design) and exposes ``ranking_``, ``gains_``, ``scores_``,
 ``objective_``, ``diversity_``, ``quality_mean_``.
 
-Methods (``method=``), all in the same API so the paper's comparisons can be reproduced:
+Methods (``method=``, :data:`mixray.choices.SELECT_METHODS`), all in the same API
+so the paper's comparisons can be reproduced:
 
-- ``qdit``: greedy on ``f(a|A, α) = (1−α)·d(a|A)/N + α·q(a)`` with
-  ``optimizer`` ``lazy`` (exact, default), ``naive`` (exact reference,
-  O(K·N²·d)) or ``stochastic`` (``⌈(N/K)·ln(1/ε)⌉`` candidates per step, seeded);
+- ``qdit``: greedy on ``f(a|A, α) = (1−α)·d(a|A)/N + α·q(a)`` with ``optimizer``
+  (:data:`mixray.choices.SELECT_OPTIMIZERS`) ``lazy`` (exact, default), ``naive``
+  (exact reference, O(K·N²·d)) or ``stochastic`` (``⌈(N/K)·ln(1/ε)⌉`` candidates
+  per step, seeded by ``random_state``);
 - ``random``: a seeded uniform sample;
 - ``quality``: top-K by quality (ties: lower index);
 - ``threshold`` (QDIT:Threshold): in quality order, keep a point unless its
@@ -18,7 +20,8 @@ Methods (``method=``), all in the same API so the paper's comparisons can be rep
   an equal share per cluster, best quality first.
 
 Every method's result is scored with the same objective (:func:`evaluate_ranking`).
-Validation happens once, here, at the public boundary; the kernels assume valid input.
+Validation happens once, here, at the public boundary (errors:
+:class:`~mixray.errors.SelectionInputError`); the kernels assume valid input.
 """
 
 from __future__ import annotations
@@ -26,24 +29,22 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator
 
 from mixray.algorithms import facility as fl
+from mixray.algorithms.devices import resolve_device
+from mixray.algorithms.params import Interval, Options, validate
+from mixray.algorithms.threads import gemm_threads
+from mixray.choices import DEVICES, SELECT_METHODS, SELECT_OPTIMIZERS
 from mixray.errors import SelectionInputError
 
 log = logging.getLogger("mixray.qdit")
 
-Optimizer = Literal["lazy", "naive", "stochastic"]
-Method = Literal["qdit", "random", "quality", "threshold", "cluster"]
-OPTIMIZERS: tuple[str, ...] = ("lazy", "naive", "stochastic")
-METHODS: tuple[str, ...] = ("qdit", "random", "quality", "threshold", "cluster")
-
-
+NEEDS_QUALITY = ("quality", "threshold", "cluster")  # methods that rank by quality at any alpha
 
 
 # --------------------------------------------------------------------------------------------
@@ -52,23 +53,36 @@ METHODS: tuple[str, ...] = ("qdit", "random", "quality", "threshold", "cluster")
 
 
 def check_k(k: int, n: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int | np.integer):
-        raise SelectionInputError(f"k must be an integer, got {type(k).__name__} {k!r}")
-    if k <= 0:
-        raise SelectionInputError(f"k must be >= 1, got k={k}")
+    """``1 <= k <= n`` (an integer)."""
+    k = Interval(int, 1, None).check("k", k, SelectionInputError)
     if k > n:
         raise SelectionInputError(f"k={k} is larger than the pool (N={n} examples); allowed: 1 <= k <= {n}")
-    return int(k)
+    return k
 
 
 def check_alpha(alpha: float) -> float:
-    try:
-        a = float(alpha)
-    except (TypeError, ValueError):
-        raise SelectionInputError(f"alpha must be a number in [0, 1], got {alpha!r}") from None
-    if not (0.0 <= a <= 1.0) or math.isnan(a):
-        raise SelectionInputError(f"alpha must be in [0, 1], got alpha={alpha}")
-    return a
+    """α in [0, 1]."""
+    return Interval(float, 0, 1).check("alpha", alpha, SelectionInputError)
+
+
+def _unit_rows(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``[m, d]`` finite float64 rows -> (unit rows, row is zero).
+
+    Rows whose norm over- or underflows float64 (entries ~1e±200: their squares
+    do) are first scaled by their largest magnitude, so they normalise correctly
+    instead of becoming zero vectors; ordinary rows are divided by their norm
+    directly (the same bits as ever).
+    """
+    with np.errstate(over="ignore", under="ignore"):  # those rows are redone below
+        norms = np.linalg.norm(block, axis=1)
+    extreme = ~((norms > 1e-150) & (norms < 1e150))
+    if extreme.any():
+        peak = np.abs(block[extreme]).max(axis=1)
+        scaled = block[extreme] / np.where(peak > 0, peak, 1.0)[:, None]
+        block = block.copy()
+        block[extreme] = scaled
+        norms[extreme] = np.linalg.norm(scaled, axis=1)
+    return block / np.where(norms > 0, norms, 1.0)[:, None], norms == 0
 
 
 def check_embeddings(embeddings, name: str = "embeddings", chunk: int = 1 << 16) -> np.ndarray:
@@ -89,9 +103,9 @@ def check_embeddings(embeddings, name: str = "embeddings", chunk: int = 1 << 16)
         block = x[i0:i0 + chunk].astype(np.float64)
         finite = np.isfinite(block).all(axis=1)
         bad.extend((i0 + np.nonzero(~finite)[0]).tolist())
-        norms = np.linalg.norm(np.where(finite[:, None], block, 0.0), axis=1)
-        zero.extend((i0 + np.nonzero(finite & (norms == 0))[0]).tolist())
-        out[i0:i0 + chunk] = block / np.where(norms > 0, norms, 1.0)[:, None]
+        unit, is_zero = _unit_rows(np.where(finite[:, None], block, 0.0))
+        zero.extend((i0 + np.nonzero(finite & is_zero)[0]).tolist())
+        out[i0:i0 + chunk] = unit
     if bad:
         raise SelectionInputError(
             f"{name} has NaN/inf values in {len(bad)} row(s), first rows {bad[:5]}; "
@@ -131,98 +145,12 @@ def minmax(q: np.ndarray) -> np.ndarray:
     return (q - lo) / (hi - lo)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SelectionInputError("device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    if device not in ("cpu", "cuda"):
-        raise SelectionInputError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    return torch.device(device)
-
-
-# --------------------------------------------------------------------------------------------
-# Prepared pool: scaled embeddings and quality as tensors
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Pool:
-    """Validated, normalised inputs in the units the kernels use."""
-
-    xs: torch.Tensor  # [N, d] float32, 2^(e/2)·x (unit rows scaled)
-    q: torch.Tensor  # [N] float64 normalised quality (zeros when unused)
-    scale_exp: int
-
-    @property
-    def n(self) -> int:
-        return self.xs.shape[0]
-
-    @classmethod
-    def build(cls, x_unit: np.ndarray, q: np.ndarray, device: torch.device,
-              inplace: bool = False) -> Pool:
-        """``inplace=True`` scales ``x_unit`` itself (saves a copy of N×d; the caller gives it up)."""
-        e = fl.scale_exponent(len(x_unit))
-        scale = float(2.0 ** (e // 2))  # a power of two: exact in float32
-        xs = torch.from_numpy(np.ascontiguousarray(x_unit, dtype=np.float32))
-        if inplace and xs.device == device:
-            xs.mul_(scale)
-        else:
-            xs = xs.to(device) * scale
-        return cls(xs, torch.from_numpy(np.asarray(q, dtype=np.float64)), e)
-
-
-def choose_theta(pool: Pool, budget_bytes: int, n_candidates: int | None = None) -> float:
-    return fl.choose_threshold(pool.xs, pool.xs, n_candidates or pool.n, budget_bytes // 8)
-
-
-def split_columns(n: int, parts: int) -> list[np.ndarray]:
-    """Contiguous column ranges for ``parts`` shards (their cur concatenates in order)."""
-    bounds = np.linspace(0, n, parts + 1).astype(np.int64)
-    return [np.arange(bounds[i], bounds[i + 1]) for i in range(parts) if bounds[i + 1] > bounds[i]]
-
-
-def local_shards(pool: Pool, n_shards: int, budget_bytes: int,
-                 start: fl.GreedyState | None = None, threads: int | None = None) -> fl.LocalShards:
-    """``n_shards`` in-process column shards (1 = the plain single-process run)."""
-    parts = split_columns(pool.n, n_shards)
-    cur = None if start is None or start.step == 0 else torch.from_numpy(start.cur)
-    step = 0 if start is None else start.step
-    shards = []
-    for cols in parts:
-        c = None if len(parts) == 1 else torch.from_numpy(cols)
-        shard_cur = None if cur is None else cur[int(cols[0]):int(cols[-1]) + 1]
-        shards.append(fl.ColumnShard(pool.xs, c, pool.scale_exp, budget_bytes // len(parts),
-                                     cur=shard_cur, step=step, threads=threads))
-    return fl.LocalShards(shards)
-
-
-def run_greedy(pool: Pool, k: int, alpha: float, optimizer: str, *, shards: fl.Shards | None = None,
-               budget_bytes: int = 512 << 20, epsilon: float = 0.01, seed: int = 0,
-               candidates: np.ndarray | None = None, start: fl.GreedyState | None = None,
-               callback: fl.StepCallback | None = None, callback_every: int = 0,
-               n_shards: int = 1, threads: int | None = None) -> fl.GreedyResult:
-    """Dispatch to the greedy variant (valid inputs assumed).
-
-    ``threads``: torch threads for the large matrix products; everything else
-    runs single-threaded (see :class:`~mixray.algorithms.facility.gemm_threads`).
-    """
-    cand = None if candidates is None else torch.as_tensor(np.asarray(candidates, dtype=np.int64))
-    threads = threads or torch.get_num_threads()
-    if optimizer == "naive":
-        with fl.gemm_threads(threads):
-            return fl.naive_greedy(pool.xs, pool.q, alpha, k, scale_exp=pool.scale_exp,
-                                   candidates=cand, start=start, callback=callback,
-                                   callback_every=callback_every)
-    n_cand = pool.n if cand is None else len(cand)
-    if shards is None:
-        shards = local_shards(pool, n_shards, budget_bytes, start, threads)
-    theta = choose_theta(pool, budget_bytes, n_cand)
-    sample = (fl.stochastic_sample_size(n_cand, k, epsilon) if optimizer == "stochastic" else None)
-    with fl.gemm_threads(1):
-        return fl.lazy_greedy(shards, pool.q, alpha, k, n_pool=pool.n, scale_exp=pool.scale_exp,
-                              theta=theta, candidates=cand, start=start, sample_size=sample,
-                              seed=seed, callback=callback, callback_every=callback_every)
+def prepare_quality(quality, n: int, normalize: bool) -> np.ndarray:
+    """``quality`` [N] checked (and min-max normalised when ``normalize``); zeros when None."""
+    if quality is None:
+        return np.zeros(n)
+    q = check_quality(quality, n)
+    return minmax(q) if normalize else q
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,12 +242,20 @@ class RankingScore:
     quality_mean: float  # mean q(A)
 
 
-def score_from_cur(cur_scaled: np.ndarray, scale_exp: int, q_sel: np.ndarray, alpha: float,
+def score_from_cur(cur_scaled: np.ndarray, q_sel: np.ndarray, alpha: float
                    ) -> tuple[float, float, float]:
-    """(objective, diversity, mean quality) from the final running max."""
-    div = fl.diversity_from_cur(cur_scaled, scale_exp)
+    """(objective, diversity, mean quality) from the final scaled running max [N] and q of A [K]."""
+    div = fl.diversity_from_cur(cur_scaled)
     qm = float(np.mean(q_sel)) if len(q_sel) else 0.0
     return (1.0 - alpha) * div + alpha * qm, div, qm
+
+
+def check_ranking(ranking, n: int) -> np.ndarray:
+    """[K] distinct indices in [0, N) -> int64."""
+    r = np.asarray(ranking, dtype=np.int64)
+    if r.ndim != 1 or (len(r) and (r.min() < 0 or r.max() >= n)) or len(np.unique(r)) != len(r):
+        raise SelectionInputError(f"ranking must be distinct indices in [0, {n}), got {len(r)} values")
+    return r
 
 
 def evaluate_ranking(embeddings, ranking, quality=None, alpha: float = 0.0,
@@ -332,57 +268,13 @@ def evaluate_ranking(embeddings, ranking, quality=None, alpha: float = 0.0,
     x = check_embeddings(embeddings)
     n = len(x)
     alpha = check_alpha(alpha)
-    r = np.asarray(ranking, dtype=np.int64)
-    if r.ndim != 1 or (len(r) and (r.min() < 0 or r.max() >= n)) or len(np.unique(r)) != len(r):
-        raise SelectionInputError(f"ranking must be distinct indices in [0, {n}), got {len(r)} values")
-    q = np.zeros(n) if quality is None else check_quality(quality, n)
-    if normalize_quality and quality is not None:
-        q = minmax(q)
-    pool = Pool.build(x, q, resolve_device(device), inplace=True)
-    gains, cur = fl.ranking_gains(pool.xs, r, pool.scale_exp)
+    r = check_ranking(ranking, n)
+    q = prepare_quality(quality, n, normalize_quality)
+    pool = fl.Pool.build(x, q, resolve_device(device, where="device"), inplace=True)
+    gains, cur = fl.ranking_gains(pool.xs, r)
     scores = (1.0 - alpha) * gains / n + alpha * q[r]
-    obj, div, qm = score_from_cur(cur, pool.scale_exp, q[r], alpha)
+    obj, div, qm = score_from_cur(cur, q[r], alpha)
     return RankingScore(gains, scores, obj, div, qm)
-
-
-# --------------------------------------------------------------------------------------------
-# GreeDi, single process (the distributed version runs round 1 in Ray actors)
-# --------------------------------------------------------------------------------------------
-
-
-def greedi_round1(x_unit: np.ndarray, q: np.ndarray, part: np.ndarray, k: int, alpha: float,
-                  optimizer: str, budget_bytes: int, epsilon: float, seed: int,
-                  device: str = "cpu") -> np.ndarray:
-    """Greedy on one partition (its own pool: d over the partition, /N_part). Global indices."""
-    kk = min(k, len(part))
-    pool = Pool.build(x_unit[part], q[part], resolve_device(device))
-    res = run_greedy(pool, kk, alpha, optimizer, budget_bytes=budget_bytes, epsilon=epsilon, seed=seed)
-    return part[res.ranking]
-
-
-def greedi(pool: Pool, x_unit: np.ndarray, q: np.ndarray, k: int, alpha: float, optimizer: str,
-           partitions: int, seed: int, budget_bytes: int, epsilon: float,
-           run_partitions: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None,
-           **round2) -> tuple[fl.GreedyResult, list[np.ndarray]]:
-    """GreeDi: greedy per partition, then greedy over the union of the picks.
-
-    Round 1 runs :func:`greedi_round1` on each of ``partitions`` seeded random
-    parts (``run_partitions(parts) -> picks`` may run them in parallel, e.g. in
-    Ray tasks; default: one after the other). Round 2 uses the full pool as the
-    ground set V (gains exact over all N points) and the union as candidates.
-    With one partition, round 2 reproduces round 1's ranking.
-    """
-    parts = fl.greedi_partitions(pool.n, partitions, seed)
-    if run_partitions is None:
-        share = budget_bytes // len(parts)
-        picks = [greedi_round1(x_unit, q, p, k, alpha, optimizer, share, epsilon, seed)
-                 for p in parts]
-    else:
-        picks = run_partitions(parts)
-    union = fl.greedi_union(picks)
-    res = run_greedy(pool, min(k, len(union)), alpha, optimizer, budget_bytes=budget_bytes,
-                     epsilon=epsilon, seed=seed, candidates=union, **round2)
-    return res, picks
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,7 +282,7 @@ def greedi(pool: Pool, x_unit: np.ndarray, q: np.ndarray, k: int, alpha: float, 
 # --------------------------------------------------------------------------------------------
 
 
-class QDITSelector:
+class QDITSelector(BaseEstimator):
     """Select K of N examples by quality and facility-location diversity (sklearn-shaped).
 
     Parameters
@@ -400,33 +292,53 @@ class QDITSelector:
     optimizer : ``lazy`` (exact, default), ``naive`` (exact reference) or ``stochastic``.
     method : ``qdit`` (default) or a baseline/paper variant (module docstring).
     epsilon : stochastic greedy's ε (sample ``⌈(N/K)·ln(1/ε)⌉`` per step).
-    seed : for ``stochastic``, ``random``, ``cluster`` and GreeDi partitions.
+    random_state : int seed for ``stochastic``, ``random`` and ``cluster``.
     device : ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-    memory_budget_mb : bytes the sparse high-similarity cache may use (total over shards);
-        0 keeps every column dense (slowest, smallest).
-    n_shards : column shards in this process (the Ray version puts one per actor).
+    memory_budget_mb : bytes the sparse high-similarity cache may use (total over the
+        column shards); 0 keeps every column dense (slowest, smallest).
     tau, n_clusters : parameters of ``threshold`` and ``cluster``.
     normalize_quality : min-max normalise ``quality`` over the pool (methods.md); set
         False if it is already in [0, 1].
     checkpoint_every, callback : ``callback(state)`` every n greedy steps (a
         :class:`~mixray.algorithms.facility.GreedyState` to persist); pass the
         state back to ``fit(initial_state=...)`` to continue with the identical result.
-    threads : torch threads for the large matrix products (default: torch's current
-        setting); the greedy's small sparse/elementwise ops always run single-threaded.
-        On a busy shared machine ``threads=1`` is fastest.
+    threads : torch threads of this process for the large matrix products (default:
+        torch's current setting); the greedy's small sparse/elementwise ops always run
+        single-threaded. On a busy shared machine ``threads=1`` is fastest.
+
+    Parallelism: one process here. The same greedy over ``concurrency`` Ray actors
+    (one column shard each, same result) is :func:`mixray.distributed.selection.sharded_select`;
+    GreeDi over ``partitions`` is :func:`mixray.distributed.selection.greedi_select`.
 
     Attributes (after ``fit``)
     --------------------------
     ranking_ [K] indices in selection order; gains_ [K] d(a|A) at selection;
     scores_ [K] f(a|A, α) at selection; objective_ ``(1−α)·d(A)/N + α·mean q(A)``;
     diversity_ ``d(A)/N``; quality_mean_ ``mean q(A)``; quality_ [N] normalised
-    quality; state_ the final greedy state (``qdit`` only); stats_ counters; fit_time_ s.
+    quality; state_ the final greedy state (``qdit`` with α < 1, else None);
+    labels_ [N] (``cluster`` only); stats_ counters; fit_time_ s.
     """
 
-    def __init__(self, k: int, alpha: float = 0.7, optimizer: Optimizer = "lazy",
-                 method: Method = "qdit", epsilon: float = 0.01, seed: int = 0,
-                 device: str = "auto", memory_budget_mb: float = 512, n_shards: int = 1,
-                 tau: float = 0.5, n_clusters: int = 100, normalize_quality: bool = True,
+    _constraints = {
+        "k": Interval(int, 1, None),
+        "alpha": Interval(float, 0, 1),
+        "optimizer": Options(SELECT_OPTIMIZERS),
+        "method": Options(SELECT_METHODS),
+        "epsilon": Interval(float, 0, 1, closed="neither"),
+        "random_state": Interval(int, 0, None),
+        "device": Options(DEVICES),
+        "memory_budget_mb": Interval(float, 0, None),
+        "tau": Interval(float, -1, 1),
+        "n_clusters": Interval(int, 1, None),
+        "normalize_quality": Options((True, False)),
+        "checkpoint_every": Interval(int, 0, None),
+        "threads": Interval(int, 1, None, none_ok=True),
+    }
+
+    def __init__(self, k: int, alpha: float = 0.7, *, optimizer: str = "lazy",
+                 method: str = "qdit", epsilon: float = 0.01, random_state: int = 0,
+                 device: str = "auto", memory_budget_mb: float = 512, tau: float = 0.5,
+                 n_clusters: int = 100, normalize_quality: bool = True,
                  checkpoint_every: int = 0, callback: fl.StepCallback | None = None,
                  threads: int | None = None):
         self.k = k
@@ -434,10 +346,9 @@ class QDITSelector:
         self.optimizer = optimizer
         self.method = method
         self.epsilon = epsilon
-        self.seed = seed
+        self.random_state = random_state
         self.device = device
         self.memory_budget_mb = memory_budget_mb
-        self.n_shards = n_shards
         self.tau = tau
         self.n_clusters = n_clusters
         self.normalize_quality = normalize_quality
@@ -445,97 +356,78 @@ class QDITSelector:
         self.callback = callback
         self.threads = threads
 
-    def _check_params(self, n: int) -> None:
-        check_k(self.k, n)
-        self.alpha = check_alpha(self.alpha)
-        if self.optimizer not in OPTIMIZERS:
-            raise SelectionInputError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.method not in METHODS:
-            raise SelectionInputError(f"method must be one of {list(METHODS)}, got {self.method!r}")
-        if not (0.0 < float(self.epsilon) < 1.0):
-            raise SelectionInputError(f"epsilon must be in (0, 1), got {self.epsilon}")
-        if self.memory_budget_mb < 0:
-            raise SelectionInputError(f"memory_budget_mb must be >= 0, got {self.memory_budget_mb}")
-        if int(self.n_shards) < 1:
-            raise SelectionInputError(f"n_shards must be >= 1, got {self.n_shards}")
-        if not (-1.0 <= float(self.tau) <= 1.0):
-            raise SelectionInputError(f"tau must be a cosine similarity in [-1, 1], got {self.tau}")
-        if self.threads is not None and int(self.threads) < 1:
-            raise SelectionInputError(f"threads must be >= 1 or None, got {self.threads}")
-        if int(self.n_clusters) < 1:
-            raise SelectionInputError(f"n_clusters must be >= 1, got {self.n_clusters}")
-
     def fit(self, embeddings, quality=None, initial_state: fl.GreedyState | None = None,
             shards: fl.Shards | None = None) -> QDITSelector:
         """Select. ``embeddings`` [N, d] (any scale; rows are L2-normalised), ``quality`` [N].
 
         ``quality`` is required when α > 0 or for ``quality``/``threshold``/``cluster``.
-        ``shards`` (advanced): an external set of column shards, e.g. Ray actors
-        built by ``mixray.distributed.selection``.
+        ``shards`` (advanced): an external set of column shards, e.g. the Ray actors
+        built by ``mixray.distributed.selection``. The constructor parameters are
+        read, never written.
         """
         t0 = time.perf_counter()
+        p = validate(self.get_params(deep=False), self._constraints, SelectionInputError)
         x = check_embeddings(embeddings)
         n = len(x)
-        self._check_params(n)
-        needs_q = self.alpha > 0 or self.method in ("quality", "threshold", "cluster")
-        if quality is None:
-            if needs_q:
-                raise SelectionInputError(
-                    f"quality is required for method={self.method!r} with alpha={self.alpha}")
-            q = np.zeros(n)
-        else:
-            q = check_quality(quality, n)
-            if self.normalize_quality:
-                q = minmax(q)
+        check_k(p["k"], n)
+        if quality is None and (p["alpha"] > 0 or p["method"] in NEEDS_QUALITY):
+            raise SelectionInputError(
+                f"quality is required for method={p['method']!r} with alpha={p['alpha']}")
+        q = prepare_quality(quality, n, p["normalize_quality"])
         if initial_state is not None:
-            self._check_state(initial_state, n)
-        dev = resolve_device(self.device)
-        self._fit(x, q, dev, initial_state, shards)
+            _check_state(initial_state, n, p["k"])
+        dev = resolve_device(p["device"], where="device")
+        self.state_, self.stats_ = None, {}
+        self.__dict__.pop("labels_", None)  # set by method="cluster" only
+        if p["method"] == "qdit" and p["alpha"] < 1.0:
+            pool = fl.Pool.build(x, q, dev, inplace=True)  # x is our own normalised copy
+            cur = self._fit_greedy(pool, p, initial_state, shards)
+        else:
+            cur = self._fit_ranking(x, q, dev, p)
+        self.objective_, self.diversity_, self.quality_mean_ = score_from_cur(
+            cur, q[self.ranking_], p["alpha"])
         self.quality_ = q
         self.fit_time_ = time.perf_counter() - t0
         return self
 
-    def _check_state(self, state: fl.GreedyState, n: int) -> None:
-        if len(state.cur) != n:
-            raise SelectionInputError(
-                f"initial_state is for a pool of {len(state.cur)} points, but N={n}")
-        if state.step > self.k:
-            raise SelectionInputError(f"initial_state has {state.step} selections but k={self.k}")
-        sel = np.asarray(state.selected)
-        if len(sel) and (sel.min() < 0 or sel.max() >= n or len(np.unique(sel)) != len(sel)):
-            raise SelectionInputError("initial_state.selected must be distinct indices of the pool")
+    def _fit_greedy(self, pool: fl.Pool, p: dict, initial_state, shards) -> np.ndarray:
+        res = fl.run_greedy(pool, p["k"], p["alpha"], p["optimizer"], shards=shards,
+                            budget_bytes=int(p["memory_budget_mb"] * (1 << 20)),
+                            epsilon=p["epsilon"], seed=p["random_state"], start=initial_state,
+                            callback=p["callback"], callback_every=p["checkpoint_every"],
+                            threads=p["threads"])
+        self.ranking_, self.gains_, self.scores_ = res.ranking, res.gains, res.scores
+        self.state_, self.stats_ = res.state(), res.stats
+        return res.cur
 
-    def _fit(self, x, q, dev, initial_state, shards) -> None:
-        k, alpha = int(self.k), float(self.alpha)
-        budget = int(self.memory_budget_mb * (1 << 20))
-        self.state_ = None
-        self.stats_: dict = {}
-        if self.method == "qdit" and alpha < 1.0:
-            pool = Pool.build(x, q, dev, inplace=True)  # x is our own normalised copy
-            res = run_greedy(pool, k, alpha, self.optimizer, shards=shards, budget_bytes=budget,
-                             epsilon=self.epsilon, seed=self.seed, start=initial_state,
-                             callback=self.callback, callback_every=self.checkpoint_every,
-                             n_shards=int(self.n_shards), threads=self.threads)
-            self.ranking_, self.gains_, self.scores_ = res.ranking, res.gains, res.scores
-            self.state_ = res.state()
-            self.stats_ = res.stats
-            cur = res.cur
+    def _fit_ranking(self, x: np.ndarray, q: np.ndarray, dev: torch.device, p: dict) -> np.ndarray:
+        """A baseline or paper variant (or α = 1), scored with the shared objective."""
+        k, method = p["k"], p["method"]
+        if method in ("qdit", "quality"):
+            ranking = select_quality(q, k)  # α = 1: greedy on f = q is the quality order
+        elif method == "random":
+            ranking = select_random(len(x), k, p["random_state"])
+        elif method == "threshold":
+            ranking = select_threshold(x, q, k, p["tau"])
+            if len(ranking) < k:
+                log.warning("threshold: only %d of k=%d points have pairwise cosine <= tau=%s; "
+                            "raise tau to select more", len(ranking), k, p["tau"])
         else:
-            if self.method in ("qdit", "quality"):
-                ranking = select_quality(q, k)  # α = 1: greedy on f = q is the quality order
-            elif self.method == "random":
-                ranking = select_random(len(x), k, self.seed)
-            elif self.method == "threshold":
-                ranking = select_threshold(x, q, k, float(self.tau))
-                if len(ranking) < k:
-                    log.warning("threshold: only %d of k=%d points have pairwise cosine <= tau=%s; "
-                                "raise tau to select more", len(ranking), k, self.tau)
-            else:
-                ranking, self.labels_ = select_cluster(x, q, k, int(self.n_clusters), self.seed)
-            pool = Pool.build(x, q, dev, inplace=True)
-            with fl.gemm_threads(self.threads):
-                gains, cur = fl.ranking_gains(pool.xs, ranking, pool.scale_exp)
-            self.ranking_, self.gains_ = ranking, gains
-            self.scores_ = (1.0 - alpha) * gains / len(x) + alpha * q[ranking]
-        self.objective_, self.diversity_, self.quality_mean_ = score_from_cur(
-            cur, pool.scale_exp, q[self.ranking_], alpha)
+            ranking, self.labels_ = select_cluster(x, q, k, p["n_clusters"], p["random_state"])
+        pool = fl.Pool.build(x, q, dev, inplace=True)  # x is not used after this
+        with gemm_threads(p["threads"]):
+            gains, cur = fl.ranking_gains(pool.xs, ranking)
+        self.ranking_, self.gains_ = ranking, gains
+        self.scores_ = (1.0 - p["alpha"]) * gains / len(x) + p["alpha"] * q[ranking]
+        return cur
+
+
+def _check_state(state: fl.GreedyState, n: int, k: int) -> None:
+    if state.cur is None or len(state.cur) != n:
+        got = "no running max" if state.cur is None else f"a pool of {len(state.cur)} points"
+        raise SelectionInputError(f"initial_state is for {got}, but N={n}")
+    if state.step > k:
+        raise SelectionInputError(f"initial_state has {state.step} selections but k={k}")
+    sel = np.asarray(state.selected)
+    if len(sel) and (sel.min() < 0 or sel.max() >= n or len(np.unique(sel)) != len(sel)):
+        raise SelectionInputError("initial_state.selected must be distinct indices of the pool")

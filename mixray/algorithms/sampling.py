@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mixray.errors import InputError, TrainingConfigError
+
 UNPAIRED, CONFIDENT, UNCONFIDENT = 0, 1, 2
 _SHARD_STREAM = 0x5EED
 
@@ -33,7 +35,7 @@ def median_split(confidence: np.ndarray) -> np.ndarray:
     """
     conf = np.asarray(confidence, dtype=np.float64)
     if conf.ndim != 1 or not np.isfinite(conf).all():
-        raise ValueError("confidence must be a 1-d array of finite numbers")
+        raise InputError("confidence must be a 1-d array of finite numbers")
     order = np.argsort(-conf, kind="stable")
     out = np.zeros(len(conf), dtype=bool)
     out[order[: len(conf) // 2]] = True
@@ -47,7 +49,7 @@ def assign_shards(groups: np.ndarray, world_size: int, seed: int) -> np.ndarray:
     """
     groups = np.asarray(groups)
     if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
+        raise TrainingConfigError(f"world_size must be >= 1, got {world_size}")
     rng = np.random.default_rng([seed, _SHARD_STREAM])
     out = np.empty(len(groups), dtype=np.int64)
     for g in np.unique(groups):
@@ -100,14 +102,14 @@ def epoch_micro_batches(
     rng = np.random.default_rng([seed, epoch, rank])
     if not paired:
         if n_micro * micro_batch_size > len(groups):
-            raise ValueError(f"{n_micro} micro-batches of {micro_batch_size} need more than {len(groups)} examples")
+            raise TrainingConfigError(f"{n_micro} micro-batches of {micro_batch_size} need more than {len(groups)} examples")
         perm = rng.permutation(len(groups))
         return perm[: n_micro * micro_batch_size].reshape(n_micro, micro_batch_size), None
     b = micro_batch_size // 2
     conf = np.flatnonzero(groups == CONFIDENT)
     unconf = np.flatnonzero(groups == UNCONFIDENT)
     if n_micro * b > min(len(conf), len(unconf)):
-        raise ValueError(f"{n_micro} micro-batches of {b} pairs need more than "
+        raise TrainingConfigError(f"{n_micro} micro-batches of {b} pairs need more than "
                          f"{len(conf)} confident / {len(unconf)} unconfident examples")
     conf = conf[rng.permutation(len(conf))][: n_micro * b].reshape(n_micro, b)
     unconf = unconf[rng.permutation(len(unconf))][: n_micro * b].reshape(n_micro, b)
@@ -117,7 +119,7 @@ def epoch_micro_batches(
 
 def _check_batch(micro_batch_size: int, paired: bool) -> None:
     if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        raise TrainingConfigError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     if paired and micro_batch_size % 2:
-        raise ValueError(f"a paired micro-batch holds b confident + b unconfident examples: "
+        raise TrainingConfigError(f"a paired micro-batch holds b confident + b unconfident examples: "
                          f"micro_batch_size must be even, got {micro_batch_size}")

@@ -14,21 +14,10 @@ import numpy as np
 import pyarrow as pa
 
 from mixray.config import ActorPoolConfig
+from mixray.distributed.runtime import gpus_per_actor
 from mixray.errors import InputError
 
 log = logging.getLogger("mixray.pipeline")
-
-
-def gpus_per_actor(pool: ActorPoolConfig, setting: str) -> float:
-    """Resolve ``num_gpus`` ("auto" -> 1 if the cluster has GPUs, else 0) and check it fits."""
-    import ray
-
-    have = ray.cluster_resources().get("GPU", 0)
-    if pool.num_gpus == "auto":
-        return 1.0 if have >= 1 else 0.0
-    if pool.num_gpus > have:
-        raise InputError(f"{setting}.num_gpus={pool.num_gpus}, but the Ray cluster has {have} GPU(s)")
-    return float(pool.num_gpus)
 
 
 def map_with_actors(ds, fn_cls: type, fn_kwargs: dict[str, Any], pool: ActorPoolConfig,
@@ -36,7 +25,7 @@ def map_with_actors(ds, fn_cls: type, fn_kwargs: dict[str, Any], pool: ActorPool
     """``ds.map_batches`` with ``fn_cls(**fn_kwargs)`` in a pool of ``pool.concurrency`` actors."""
     import ray
 
-    num_gpus = gpus_per_actor(pool, setting)
+    num_gpus = gpus_per_actor(pool.num_gpus, where=f"{setting}.num_gpus")
     kwargs = dict(fn_kwargs)
     if num_gpus == 0:
         kwargs["threads"] = pool.threads or max(1, int(pool.num_cpus))

@@ -12,6 +12,7 @@
   to this machine, never attaching silently to another Ray running here.
 
 An address that cannot be reached is one :class:`~mixray.errors.ResourceError` naming it.
+:func:`gpus_per_actor` resolves a component's ``num_gpus`` against the cluster's GPUs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import os
 from typing import Literal
 
+from mixray.algorithms.devices import gpus_to_use
 from mixray.config import RayConfig
 from mixray.errors import ResourceError
 
@@ -131,3 +133,17 @@ def init_ray(cfg: RayConfig) -> DriverMode:
     else:
         _init_local(cfg)
     return mode
+
+
+def gpus_per_actor(num_gpus: float | str, *, device: str = "auto", where: str | None = None) -> float:
+    """GPUs for each Ray actor/task of a component, by the one rule of
+    :func:`mixray.algorithms.devices.gpus_to_use` over the Ray cluster's GPUs.
+
+    ``num_gpus``: ``"auto"`` (1 when the cluster has a GPU, else 0) or a number the
+    cluster must have; ``device="cpu"`` forces 0. ``where`` names the config key in
+    the :class:`~mixray.errors.ResourceError` raised when the cluster has too few.
+    """
+    import ray
+
+    have = float(ray.cluster_resources().get("GPU", 0))
+    return gpus_to_use(num_gpus, have, device=device, where=where)

@@ -1,21 +1,24 @@
 """QDIT selection over Ray actors: sharded exact greedy and GreeDi.
 
-*Sharded exact greedy*: the pool's points (columns) are split into P
-contiguous shards, one per actor. Each actor holds its shard's embeddings,
-running max and sparse high-similarity cache (a
-:class:`~mixray.algorithms.facility.ColumnShard`); the driver runs the same
-lazy greedy as a single process and, each round, sends a batch of candidate
-ids; the actors return their partial gains and the driver sums them. Partial
-gains are exact integer-valued float64 sums, so the result is identical to the
-single-process greedy. Memory per actor is O((N/P)·d + budget/P) plus the
-shared read-only embeddings in the object store.
+*Sharded exact greedy* (:func:`sharded_select`): the pool's points (columns) are
+split into ``concurrency`` contiguous shards, one per Ray actor. Each actor
+holds its shard's running max and sparse high-similarity cache (a
+:class:`~mixray.algorithms.facility.ColumnShard`) over the read-only embeddings
+in the object store; the driver runs the same lazy greedy as a single process
+and, each round, sends a batch of candidate ids; the actors return their
+partial gains and the driver sums them. Partial gains are exact integer-valued
+float64 sums, so the result is identical to the single-process greedy. Memory
+per actor is O((N/P)·d + budget/P) plus the shared embeddings.
 
-*GreeDi* (Mirzasoleiman et al. 2013): greedy per partition in parallel Ray
-tasks, then greedy over the union of their picks on the driver (full pool as
-ground set).
+*GreeDi* (:func:`greedi_select`, Mirzasoleiman et al. 2013): greedy per
+partition in ``partitions`` parallel Ray tasks, then greedy over the union of
+their picks on the driver (full pool as ground set).
 
-GPU actors when the cluster has GPUs (``num_gpus: auto``), CPU otherwise.
-This module only distributes layer-1 functions; it does no file I/O.
+Knobs (the glossary of README.md): ``concurrency`` Ray actors, ``partitions``
+GreeDi partitions (an algorithm parameter: one Ray task each), ``num_cpus`` /
+``num_gpus`` per actor or task (``num_gpus="auto"``: one GPU each when the
+cluster has GPUs), ``threads`` torch threads per actor or task (default:
+``num_cpus``). This module only distributes layer-1 functions; it does no file I/O.
 """
 
 from __future__ import annotations
@@ -28,43 +31,30 @@ import numpy as np
 
 from mixray.algorithms import facility as fl
 from mixray.algorithms import qdit
+from mixray.algorithms.devices import resolve_device
+from mixray.algorithms.params import Interval, Options, validate
+from mixray.choices import SELECT_OPTIMIZERS
+from mixray.distributed.runtime import gpus_per_actor
+from mixray.errors import SelectionInputError
 
 log = logging.getLogger("mixray.selection")
-
-
-def cluster_gpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("GPU", 0))
-
-
-def resolve_gpus(num_gpus: float | str, device: str) -> float:
-    """GPUs per actor: ``auto`` -> 1 when the cluster has GPUs and device allows, else 0."""
-    if device == "cpu":
-        return 0.0
-    have = cluster_gpus()
-    if num_gpus == "auto":
-        return 1.0 if have >= 1 else 0.0
-    if float(num_gpus) > have:
-        raise qdit.SelectionInputError(f"select.num_gpus={num_gpus}, but the Ray cluster has {have} GPU(s)")
-    return float(num_gpus)
 
 
 class _ShardActor:
     """One column shard in a Ray actor (wrapped with ``ray.remote`` at run time)."""
 
-    def __init__(self, xs: np.ndarray, lo: int, hi: int, scale_exp: int, budget_bytes: int,
+    def __init__(self, xs: np.ndarray, lo: int, hi: int, budget_bytes: int,
                  cur: np.ndarray | None, step: int, use_gpu: bool, threads: int | None):
         import torch
 
         torch.set_num_threads(1)  # small ops single-threaded; matrix products get ``threads``
-        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        device = resolve_device("auto" if use_gpu else "cpu")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the object-store array is read-only; we never write it
             xs_t = torch.from_numpy(xs).to(device)
         n = xs.shape[0]
         cols = None if (lo == 0 and hi == n) else torch.arange(lo, hi, device=device)
-        self.shard = fl.ColumnShard(xs_t, cols, scale_exp, budget_bytes,
+        self.shard = fl.ColumnShard(xs_t, cols, budget_bytes,
                                     cur=None if cur is None else torch.from_numpy(cur), step=step,
                                     threads=threads)
 
@@ -89,26 +79,26 @@ class _ShardActor:
 
 
 class RayShards:
-    """The :class:`~mixray.algorithms.facility.Shards` protocol over P Ray actors (sums the parts)."""
+    """The :class:`~mixray.algorithms.facility.Shards` protocol over ``concurrency`` Ray actors
+    (sums the parts)."""
 
-    def __init__(self, pool: qdit.Pool, n_actors: int, budget_bytes: int, *,
+    def __init__(self, pool: fl.Pool, concurrency: int, budget_bytes: int, *,
                  start: fl.GreedyState | None = None, num_gpus: float | str = "auto",
                  num_cpus: float = 1, threads: int | None = None, device: str = "auto"):
         import ray
         import torch
 
-        gpus = resolve_gpus(num_gpus, device)
+        gpus = gpus_per_actor(num_gpus, device=device, where="num_gpus")
         xs_ref = ray.put(pool.xs.cpu().numpy())
-        parts = qdit.split_columns(pool.n, n_actors)
+        parts = fl.split_columns(pool.n, concurrency)
         step = 0 if start is None else start.step
         actor_cls = ray.remote(_ShardActor).options(num_cpus=num_cpus, num_gpus=gpus)
         self.actors = []
         for cols in parts:
             lo, hi = int(cols[0]), int(cols[-1]) + 1
             cur = None if start is None or start.step == 0 else np.ascontiguousarray(start.cur[lo:hi])
-            self.actors.append(actor_cls.remote(xs_ref, lo, hi, pool.scale_exp,
-                                                budget_bytes // len(parts), cur, step, gpus > 0,
-                                                threads or max(1, int(num_cpus))))
+            self.actors.append(actor_cls.remote(xs_ref, lo, hi, budget_bytes // len(parts), cur,
+                                                step, gpus > 0, threads or max(1, int(num_cpus))))
         log.info("select: %d %s shard actor(s) over N=%d points", len(self.actors),
                  "GPU" if gpus else "CPU", pool.n)
         self._torch = torch
@@ -154,18 +144,22 @@ class RayShards:
         self.actors = []
 
 
-def sharded_select(selector: qdit.QDITSelector, embeddings, quality, n_actors: int, *,
+def sharded_select(selector: qdit.QDITSelector, embeddings, quality=None, *, concurrency: int = 2,
                    initial_state: fl.GreedyState | None = None, num_gpus: float | str = "auto",
                    num_cpus: float = 1, threads: int | None = None) -> qdit.QDITSelector:
-    """``selector.fit`` with the pool sharded over ``n_actors`` Ray actors (same result)."""
+    """``selector.fit`` with the pool's points sharded over ``concurrency`` Ray actors (same result).
+
+    Each actor reserves ``num_cpus`` CPUs and ``num_gpus`` GPUs and runs ``threads``
+    torch threads (default ``num_cpus``). Ray must be initialised by the caller.
+    """
+    concurrency = Interval(int, 1, None).check("concurrency", concurrency, SelectionInputError)
+    p = validate(selector.get_params(deep=False), selector._constraints, SelectionInputError)
     x = qdit.check_embeddings(embeddings)
-    q = np.zeros(len(x)) if quality is None else qdit.check_quality(quality, len(x))
-    if selector.normalize_quality and quality is not None:
-        q = qdit.minmax(q)
-    pool = qdit.Pool.build(x, q, qdit.resolve_device("cpu"), inplace=True)
-    budget = int(selector.memory_budget_mb * (1 << 20))
-    shards = RayShards(pool, n_actors, budget, start=initial_state, num_gpus=num_gpus,
-                       num_cpus=num_cpus, threads=threads, device=selector.device)
+    q = qdit.prepare_quality(quality, len(x), p["normalize_quality"])
+    pool = fl.Pool.build(x, q, resolve_device("cpu"), inplace=True)
+    budget = int(p["memory_budget_mb"] * (1 << 20))
+    shards = RayShards(pool, concurrency, budget, start=initial_state, num_gpus=num_gpus,
+                       num_cpus=num_cpus, threads=threads, device=p["device"])
     try:
         return selector.fit(embeddings, quality, initial_state=initial_state, shards=shards)
     finally:
@@ -179,31 +173,35 @@ def _round1_task(x_unit: np.ndarray, q: np.ndarray, part: np.ndarray, k: int, al
 
     if threads:
         torch.set_num_threads(int(threads))
-    return qdit.greedi_round1(x_unit, q, part, k, alpha, optimizer, budget_bytes, epsilon, seed,
-                              device=device)
+    return fl.greedi_round1(x_unit, q, part, k, alpha, optimizer, budget_bytes, epsilon, seed,
+                            device=device)
 
 
 def greedi_select(embeddings, quality, k: int, alpha: float, *, partitions: int,
-                  optimizer: str = "lazy", seed: int = 0, memory_budget_mb: float = 512,
+                  optimizer: str = "lazy", random_state: int = 0, memory_budget_mb: float = 512,
                   epsilon: float = 0.01, normalize_quality: bool = True,
                   num_gpus: float | str = "auto", num_cpus: float = 1, threads: int | None = None,
-                  device: str = "auto") -> tuple[fl.GreedyResult, list[np.ndarray], qdit.Pool]:
-    """GreeDi with round 1 in parallel Ray tasks (one per partition) and round 2 on the driver.
+                  device: str = "auto") -> tuple[fl.GreedyResult, list[np.ndarray], fl.Pool]:
+    """GreeDi with round 1 in ``partitions`` parallel Ray tasks and round 2 on the driver.
 
-    Returns (round-2 result, round-1 picks per partition, the prepared pool).
+    ``random_state`` seeds the partitions (and stochastic greedy); each task reserves
+    ``num_cpus``/``num_gpus`` and runs ``threads`` torch threads. Returns (round-2
+    result, round-1 picks per partition, the prepared pool).
     """
     import ray
 
     x = qdit.check_embeddings(embeddings)
     n = len(x)
-    qdit.check_k(k, n)
-    alpha = qdit.check_alpha(alpha)
-    if partitions < 1:
-        raise qdit.SelectionInputError(f"partitions must be >= 1, got {partitions}")
-    q = np.zeros(n) if quality is None else qdit.check_quality(quality, n)
-    if normalize_quality and quality is not None:
-        q = qdit.minmax(q)
-    gpus = resolve_gpus(num_gpus, device)
+    k, alpha = qdit.check_k(k, n), qdit.check_alpha(alpha)
+    partitions, random_state, memory_budget_mb, epsilon = (
+        rule.check(name, value, SelectionInputError) for name, value, rule in (
+            ("partitions", partitions, Interval(int, 1, None)),
+            ("random_state", random_state, Interval(int, 0, None)),
+            ("memory_budget_mb", memory_budget_mb, Interval(float, 0, None)),
+            ("epsilon", epsilon, Interval(float, 0, 1, closed="neither"))))
+    Options(SELECT_OPTIMIZERS).check("optimizer", optimizer, SelectionInputError)
+    q = qdit.prepare_quality(quality, n, normalize_quality)
+    gpus = gpus_per_actor(num_gpus, device=device, where="num_gpus")
     budget = int(memory_budget_mb * (1 << 20))
     x_ref, q_ref = ray.put(x), ray.put(q)
     task = ray.remote(_round1_task).options(num_cpus=num_cpus, num_gpus=gpus)
@@ -211,10 +209,11 @@ def greedi_select(embeddings, quality, k: int, alpha: float, *, partitions: int,
 
     def run_partitions(parts: list[np.ndarray]) -> list[np.ndarray]:
         refs = [task.remote(x_ref, q_ref, p, k, alpha, optimizer, budget // len(parts), epsilon,
-                            seed, part_device, threads or max(1, int(num_cpus))) for p in parts]
+                            random_state, part_device, threads or max(1, int(num_cpus)))
+                for p in parts]
         return ray.get(refs)
 
-    pool = qdit.Pool.build(x, q, qdit.resolve_device(device), inplace=True)
-    res, picks = qdit.greedi(pool, x, q, k, alpha, optimizer, partitions, seed, budget, epsilon,
-                             run_partitions=run_partitions)
+    pool = fl.Pool.build(x, q, resolve_device(device, where="device"), inplace=True)
+    res, picks = fl.greedi(pool, x, q, k, alpha, optimizer, partitions, random_state, budget,
+                           epsilon, run_partitions=run_partitions)
     return res, picks, pool

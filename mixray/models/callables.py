@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mixray.algorithms.batching import Response, sft_batch
+from mixray.algorithms.devices import resolve_device
 from mixray.algorithms.ifd import ifd_quality, ifd_ratio
 from mixray.algorithms.losses import row_mean_nll
 from mixray.algorithms.pooling import l2_normalize, last_token, mean_pool
@@ -31,11 +32,11 @@ log = logging.getLogger("mixray.models")
 
 
 def _device(threads: int | None) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if threads:
+    """CUDA when this actor sees a GPU, else CPU with ``threads`` torch threads."""
+    device = resolve_device("auto")
+    if device.type == "cpu" and threads:
         torch.set_num_threads(threads)
-    return torch.device("cpu")
+    return device
 
 
 def _texts(batch: dict[str, np.ndarray], kind: str) -> list[str]:

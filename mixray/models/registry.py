@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from mixray import choices
 from mixray.errors import InputError
 
 
@@ -140,10 +142,59 @@ def _offline() -> bool:
                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def check_model(name: str, setting: str) -> None:
-    """Driver-side check (cheap, builds nothing): fail early with the setting's name."""
+# What a model directory holds (Hugging Face / sentence-transformers layouts).
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+            "pytorch_model.bin.index.json")
+_TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+              "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
+def _has(d: Path, names: tuple[str, ...]) -> bool:
+    return any((d / n).is_file() for n in names)
+
+
+def _dir_problem(d: Path, need: str) -> str | None:
+    """Why directory ``d`` cannot serve ``need`` (``choices.MODEL_NEEDS``), or None."""
+    tok = _has(d, _TOKENIZER)
+    model = (d / "config.json").is_file()
+    if need == "tokenizer":
+        return None if tok else f"no tokenizer files ({', '.join(_TOKENIZER)})"
+    if need == "sentence-transformers" and (d / "modules.json").is_file():
+        try:
+            modules = json.loads((d / "modules.json").read_text(encoding="utf-8"))
+            missing = [m["path"] for m in modules if not (d / m["path"]).is_dir()]
+        except (ValueError, TypeError, KeyError) as e:
+            return f"modules.json is not a sentence-transformers module list ({e})"
+        return f"modules.json names missing module folders {missing}" if missing else None
+    if need == "any":
+        return None if model or tok or (d / "modules.json").is_file() else \
+            "neither config.json, a sentence-transformers modules.json nor tokenizer files"
+    if not model:
+        extra = " nor a sentence-transformers modules.json" if need == "sentence-transformers" else ""
+        return f"no config.json{extra}"
+    if not _has(d, _WEIGHTS):
+        return f"config.json but no weights ({', '.join(_WEIGHTS)})"
+    return None if tok else f"no tokenizer files ({', '.join(_TOKENIZER)})"
+
+
+def check_model(name: str, setting: str, need: str = "any") -> None:
+    """Driver-side check (cheap, builds nothing): fail early with the setting's name.
+
+    A local directory must hold what ``need`` (``mixray.choices.MODEL_NEEDS``) loads: ``model`` a
+    config.json, weights and a tokenizer; ``sentence-transformers`` a modules.json
+    whose module folders exist, or what ``model`` needs (wrapped with mean pooling);
+    ``tokenizer`` tokenizer files; ``any`` at least one of config.json, modules.json
+    or tokenizer files (an empty directory is never a model).
+    """
+    if need not in choices.MODEL_NEEDS:
+        raise ValueError(f"need={need!r}; expected one of {choices.MODEL_NEEDS}")
     p = Path(name).expanduser()
-    if p.is_dir() or name.lower() in _ALIASES:
+    if p.is_dir():
+        problem = _dir_problem(p, need)
+        if problem:
+            raise InputError(f"{name!r} is not a usable model directory: {problem}", where=setting)
+        return
+    if name.lower() in _ALIASES:
         return
     if p.exists():
         raise InputError(f"{setting}: {name!r} is a file; expected a model directory")

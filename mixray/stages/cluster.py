@@ -50,7 +50,7 @@ from mixray.contracts import (
 from mixray.errors import InputError
 from mixray.io.embeddings import embedding_array, read_embeddings
 from mixray.io.rundir import write_table
-from mixray.stages.runner import Outputs, Stage
+from mixray.stages.runner import Outputs, Stage, config_section
 
 log = logging.getLogger("mixray.cluster")
 
@@ -136,17 +136,16 @@ def fit_kmeans(cfg: ClusterConfig, ray_cfg: RayConfig, pool: Pool, m: int, seed:
     import ray
 
     from mixray.distributed.kmeans import DistributedKMeans, split_rows
-    from mixray.distributed.pipeline import gpus_per_actor
-    from mixray.distributed.runtime import init_ray
+    from mixray.distributed.runtime import gpus_per_actor, init_ray
 
     init_ray(ray_cfg)
-    actors = min(cfg.concurrency, len(pool))
-    refs = [ray.put(pool.rows(a, b)) for a, b in split_rows(len(pool), actors)]
+    concurrency = min(cfg.concurrency, len(pool))
+    refs = [ray.put(pool.rows(a, b)) for a, b in split_rows(len(pool), concurrency)]
     km = DistributedKMeans(
-        m, n_actors=actors, init=resolve_init(cfg.init, m), max_iter=cfg.max_iter, tol=cfg.tol,
-        seed=seed, oversampling=cfg.oversampling, init_rounds=cfg.init_rounds,
-        num_cpus=cfg.num_cpus, num_gpus=gpus_per_actor(cfg, "cluster"), threads=cfg.threads,
-        centre_block=cfg.centre_block, dtype="float32")
+        m, concurrency=concurrency, init=resolve_init(cfg.init, m), max_iter=cfg.max_iter,
+        tol=cfg.tol, random_state=seed, oversampling=cfg.oversampling, init_rounds=cfg.init_rounds,
+        num_cpus=cfg.num_cpus, num_gpus=gpus_per_actor(cfg.num_gpus, where="cluster.num_gpus"),
+        threads=cfg.threads, centre_block=cfg.centre_block, dtype="float32")
     return km.fit(refs)
 
 
@@ -222,7 +221,7 @@ def selection_table(chosen: np.ndarray, within: np.ndarray, km, pool: Pool, ids:
 
 
 def kmeans_summary(km, m: int, init: str) -> dict:
-    return {"n_clusters": m, "init": init, "actors": km.n_actors, "n_iter": km.n_iter_,
+    return {"n_clusters": m, "init": init, "concurrency": km.concurrency, "n_iter": km.n_iter_,
             "converged": km.converged_, "inertia": km.inertia_, "relocated": km.n_relocated_,
             "broadcasts": km.broadcasts_,
             "seconds": {k: round(float(v), 3) for k, v in km.timings_.items()}}
@@ -247,7 +246,8 @@ class Cluster(Stage):
                         meta.get("mixray.encoder"))
         m = check_sizes(cfg, pool)
         t0 = time.time()
-        km = fit_kmeans(cfg, self.cfg.ray, pool, m, seed)
+        with config_section("cluster"):
+            km = fit_kmeans(cfg, self.cfg.ray, pool, m, seed)
         chosen, within = select_nearest(km.labels_, km.distances_, cfg.budget, m, cfg.per_cluster)
         table = selection_table(chosen, within, km, pool, ids, plan, tasks)
         write_table(table, out.path(CLUSTER_SELECTION))

@@ -28,6 +28,11 @@ from mixray.stages.runner import Outputs, Stage
 log = logging.getLogger("mixray.embed")
 
 
+def embed_model_need(cfg) -> str:
+    """What the encoder loads from ``embed.model`` (``check_model``'s ``need``)."""
+    return "sentence-transformers" if cfg.encoder == "sentence-transformers" else "model"
+
+
 def encoder_kwargs(cfg) -> dict[str, Any]:
     """The settings the configured encoder uses (and only those: constructors reject others)."""
     kw = {"model_path": cfg.model, "text": cfg.text, "normalize": cfg.normalize,
@@ -55,7 +60,7 @@ class Embed(Stage):
     memory_knobs = ("concurrency", "batch_size", "encode_batch_size", "num_cpus")
 
     def check(self) -> None:
-        check_model(self.section.model, "embed.model")
+        check_model(self.section.model, "embed.model", need=embed_model_need(self.section))
 
     def run(self, out: Outputs) -> None:
         from mixray.distributed.pipeline import map_with_actors, read_examples

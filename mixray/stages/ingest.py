@@ -101,7 +101,7 @@ def _ingest_source(
         counts[reason.value] += 1
         rejects.add({
             "source": src.name, "file": shown, "line": rec.line, "row": rec.row,
-            "reason": reason.value, "detail": detail, "raw": raw,
+            "reason": reason.value, "detail": _utf8(detail), "raw": None if raw is None else _utf8(raw),
         })
 
     for rec in read_source(path, src.format, src.split):
@@ -109,7 +109,7 @@ def _ingest_source(
             break
         n_in += 1
         if rec.error is not None:
-            reason = RejectReason.INVALID_UTF8 if _bad_utf8(rec.raw) else RejectReason.UNPARSEABLE
+            reason = RejectReason.INVALID_UTF8 if rec.bad_utf8 or _bad_utf8(rec.raw) else RejectReason.UNPARSEABLE
             reject(rec, reason, rec.error, rec.raw)
             continue
         mapped = map_record(rec.value, src.fields, src.name, src.task_name)
@@ -154,14 +154,19 @@ def _bad_utf8(raw: str | None) -> bool:
     return False
 
 
+def _utf8(text: str) -> str:
+    """Text that Parquet can store: undecodable bytes and lone surrogates become U+FFFD."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 def _raw(value: Any) -> str:
     import json
 
     try:
         text = json.dumps(value, ensure_ascii=False, default=str)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         text = repr(value)
-    return text[:2000].encode("utf-8", "replace").decode("utf-8")
+    return text[:2000]
 
 
 class Ingest(Stage):
@@ -197,6 +202,8 @@ class Ingest(Stage):
                 c = _ingest_source(src, self.paths[src.name], *writers, seen, occurrences,
                                    cfg.drop_duplicates)
                 per_source[src.name] = c
+                if c["in"] == 0:
+                    log.warning("ingest: source %s (%s) has no record", src.name, self.paths[src.name])
                 log.info("ingest: %-14s in=%d = kept %d + rejected %d %s", src.name, c["in"],
                          c["kept"], c["rejected"], c["reasons"] or "")
         finally:

@@ -99,7 +99,7 @@ class Mix(Stage):
     seeded = True
 
     def check(self) -> None:
-        check_model(self.section.model, "mix.model")
+        check_model(self.section.model, "mix.model", need="tokenizer")
 
     def run(self, out: Outputs) -> None:
         cfg, examples = self.section, EXAMPLES.path(self.run_dir)

@@ -29,15 +29,17 @@ directory's lock (``mixray.io.lock``) around a sequence of stages.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 from mixray.config import RunConfig, dump_config, section_hash
 from mixray.contracts import Artifact
-from mixray.errors import ConfigError, ResourceError
+from mixray.errors import ConfigError, MixrayError, ResourceError
 from mixray.io.lock import run_dir_lock
 from mixray.io.rundir import (
     StageRun,
@@ -80,6 +82,18 @@ class Outputs:
     @extra.setter
     def extra(self, value: dict[str, Any]) -> None:
         self._run.extra = value
+
+
+@contextlib.contextmanager
+def config_section(section: str) -> Iterator[None]:
+    """Errors of a library call that name one of its parameters (``where="device"``) name
+    the config key instead (``select.device``): the settings of ``section`` are its parameters."""
+    try:
+        yield
+    except MixrayError as e:
+        if e.where and "." not in e.where and "/" not in e.where:
+            e.where = f"{section}.{e.where}"
+        raise
 
 
 class Stage:

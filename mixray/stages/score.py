@@ -120,7 +120,7 @@ class Score(Stage):
     def check(self) -> None:
         cfg = self.section
         if cfg.backend != "column":
-            check_model(cfg.model, "score.model")
+            check_model(cfg.model, "score.model", need="model")
             if cfg.backend == "reward-model":
                 _check_reward_model(cfg)
 

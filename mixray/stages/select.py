@@ -53,7 +53,7 @@ from mixray.contracts import (
 from mixray.errors import ConfigError, InputError
 from mixray.io.embeddings import read_embeddings
 from mixray.io.rundir import write_table
-from mixray.stages.runner import Outputs, Stage
+from mixray.stages.runner import Outputs, Stage, config_section
 
 log = logging.getLogger("mixray.select")
 
@@ -119,7 +119,7 @@ def save_checkpoint(path: Path, state, fp: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         np.savez(f, selected=state.selected, gains=state.gains, scores=state.scores, cur=state.cur,
-                 scale_exp=np.int64(state.scale_exp), fingerprint=np.bytes_(fp.encode()))
+                 fingerprint=np.bytes_(fp.encode()))
     os.replace(tmp, path)
 
 
@@ -135,7 +135,7 @@ def load_checkpoint(path: Path, fp: str):
                 log.info("select: ignoring %s (written for another config or input)", path)
                 return None
             return GreedyState(z["selected"].astype(np.int64), z["gains"], z["scores"],
-                               z["cur"].astype(np.float32), int(z["scale_exp"]))
+                               z["cur"].astype(np.float32))
     except (OSError, ValueError, KeyError) as e:
         log.warning("select: unreadable checkpoint %s (%s); starting over", path, e)
         return None
@@ -148,7 +148,7 @@ def _selector(cfg: SelectConfig, alpha: float, seed: int, callback=None):
     from mixray.algorithms.qdit import QDITSelector
 
     return QDITSelector(cfg.k, alpha, optimizer=cfg.optimizer, method=cfg.method,
-                        epsilon=cfg.epsilon, seed=seed, device=cfg.device,
+                        epsilon=cfg.epsilon, random_state=seed, device=cfg.device,
                         memory_budget_mb=cfg.memory_budget_mb, tau=cfg.tau,
                         n_clusters=cfg.n_clusters, normalize_quality=False,
                         checkpoint_every=cfg.checkpoint_every if callback else 0,
@@ -178,8 +178,9 @@ def select_one(cfg: SelectConfig, alpha: float, x: np.ndarray, q: np.ndarray, se
         from mixray.distributed.selection import greedi_select
 
         res, picks, _ = greedi_select(
-            x, q, cfg.k, alpha, partitions=cfg.partitions, optimizer=cfg.optimizer, seed=seed,
-            memory_budget_mb=cfg.memory_budget_mb, epsilon=cfg.epsilon, normalize_quality=False,
+            x, q, cfg.k, alpha, partitions=cfg.partitions, optimizer=cfg.optimizer,
+            random_state=seed, memory_budget_mb=cfg.memory_budget_mb, epsilon=cfg.epsilon,
+            normalize_quality=False,
             num_gpus=cfg.num_gpus, num_cpus=cfg.num_cpus, threads=cfg.threads, device=cfg.device)
         if len(res.ranking) < cfg.k:
             raise InputError(f"select: GreeDi found only {len(res.ranking)} < k={cfg.k} candidates")
@@ -191,18 +192,18 @@ def select_one(cfg: SelectConfig, alpha: float, x: np.ndarray, q: np.ndarray, se
         if greedy and cfg.distributed == "sharded":
             from mixray.distributed.selection import sharded_select
 
-            sharded_select(sel, x, q, cfg.concurrency, initial_state=state, num_gpus=cfg.num_gpus,
-                           num_cpus=cfg.num_cpus, threads=cfg.threads)
+            sharded_select(sel, x, q, concurrency=cfg.concurrency, initial_state=state,
+                           num_gpus=cfg.num_gpus, num_cpus=cfg.num_cpus, threads=cfg.threads)
         else:
             sel.fit(x, q, initial_state=state)
         extra = {"stats": sel.stats_} if sel.stats_ else {}
         # baselines and alpha = 1 have no greedy state: score them from the selector
-        final = sel.state_ or GreedyState(sel.ranking_, sel.gains_, sel.scores_, None, 0)
+        final = sel.state_ or GreedyState(sel.ranking_, sel.gains_, sel.scores_, None)
         summary = (sel.objective_, sel.diversity_, sel.quality_mean_)
     if final.cur is not None:
         if use_ckpt and cfg.checkpoint_every:
             save_checkpoint(ckpt, final, fp)  # keeps a finished alpha of a sweep
-        summary = qdit.score_from_cur(final.cur, final.scale_exp, q[final.selected], alpha)
+        summary = qdit.score_from_cur(final.cur, q[final.selected], alpha)
     obj, div, qm = summary
     return {"ranking": final.selected, "gains": final.gains, "scores": final.scores,
             "summary": {"alpha": alpha, "objective": obj, "diversity": div, "quality_mean": qm,
@@ -339,7 +340,8 @@ class Select(Stage):
                  cfg.optimizer, len(ids), x.shape[1], cfg.k, cfg.alphas, cfg.distributed)
         summaries, main = [], None
         for alpha in cfg.alphas:
-            res = select_one(cfg, alpha, x, q, seed, _ckpt_path(self.stage_dir, alpha), fp)
+            with config_section("select"):
+                res = select_one(cfg, alpha, x, q, seed, _ckpt_path(self.stage_dir, alpha), fp)
             summaries.append(self._write_selection(out, ids, q, res, alpha))
             main = main or res
         n_sel = write_selected_jsonl(EXAMPLES.path(self.run_dir), ids[main["ranking"]].tolist(),

@@ -460,7 +460,7 @@ class TrainingJob:
 
 def plan_job(cfg: TrainConfig, run_dir: Path, seed: int = 0) -> TrainingJob:
     """The checks and decisions that need neither Ray nor the model's weights."""
-    check_model(cfg.model, "train.model")
+    check_model(cfg.model, "train.model", need="model")
     table, inputs, counts = build_training_rows(cfg, run_dir)
     template = None
     if cfg.deepspeed.enabled and cfg.deepspeed.config_file:

@@ -20,7 +20,7 @@ def test_two_actors_equal_single_process_with_the_same_initial_centres(ray_sessi
     C0 = X[np.random.default_rng(1).choice(len(X), 16, replace=False)].copy()
     C0[15] = 500.0  # an empty cluster: exercises the distributed farthest-point re-seeding
     single = KMeans(16, init=C0, tol=1e-4).fit(X)
-    dist = DistributedKMeans(16, n_actors=2, init=C0, tol=1e-4).fit(X)
+    dist = DistributedKMeans(16, concurrency=2, init=C0, tol=1e-4).fit(X)
     assert single.n_relocated_ >= 1 and dist.n_relocated_ == single.n_relocated_
     np.testing.assert_array_equal(dist.labels_, single.labels_)
     assert dist.n_iter_ == single.n_iter_
@@ -34,13 +34,13 @@ def test_two_actors_equal_single_process_with_the_same_initial_centres(ray_sessi
 
 def test_random_init_picks_the_same_points_and_k_means_parallel_is_sound(ray_session):
     X = blobs(n=2000, seed=2)
-    single = KMeans(8, init="random", seed=4).fit(X)
-    dist = DistributedKMeans(8, n_actors=2, init="random", seed=4).fit(X)
+    single = KMeans(8, init="random", random_state=4).fit(X)
+    dist = DistributedKMeans(8, concurrency=2, init="random", random_state=4).fit(X)
     np.testing.assert_array_equal(dist.labels_, single.labels_)
     # k-means|| over shards given ObjectRefs: every cluster used, as good as k-means++
     refs = [ray_session.put(X[a:b]) for a, b in split_rows(len(X), 2)]
-    par = DistributedKMeans(8, n_actors=2, init="k-means||", seed=0).fit(refs)
-    pp = KMeans(8, init="k-means++", seed=0).fit(X)
+    par = DistributedKMeans(8, concurrency=2, init="k-means||", random_state=0).fit(refs)
+    pp = KMeans(8, init="k-means++", random_state=0).fit(X)
     assert par.labels_.shape == (2000,) and np.bincount(par.labels_, minlength=8).min() > 0
     assert par.inertia_ <= 1.1 * pp.inertia_
     assert par.cluster_centers_.dtype == np.float32  # shards given as refs: float32 by default
@@ -50,9 +50,9 @@ def test_bad_shards_are_reported(ray_session):
     X = blobs(n=100)
     X[70, 3] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        DistributedKMeans(4, n_actors=2, init="random").fit([X[:50], X[50:]])
+        DistributedKMeans(4, concurrency=2, init="random").fit([X[:50], X[50:]])
     with pytest.raises(ValueError, match=r"n_clusters=101 > number of points 100"):
-        DistributedKMeans(101, n_actors=2).fit(blobs(n=100))
+        DistributedKMeans(101, concurrency=2).fit(blobs(n=100))
     with pytest.raises(ValueError, match="allowed: k-means"):
         DistributedKMeans(4, init="kmeans").fit(blobs(n=100))
 

@@ -189,6 +189,28 @@ def test_stage_resumes_after_a_kill(run_dir, tmp_path_factory, monkeypatch, capl
     assert "ignoring" in caplog.text and "resuming" not in caplog.text
 
 
+def test_checkpoint_round_trip_and_the_previous_format(tmp_path):
+    """A checkpoint holds selected, gains, scores and the bit-exact running max; one written
+    before the facility refactor (with its constant ``scale_exp`` field) still resumes."""
+    from mixray.algorithms.facility import GreedyState
+
+    z = np.load(DATA)
+    x = z["embeddings"].astype(np.float32)[:120]
+    states = []
+    QDITSelector(12, 0.0, checkpoint_every=6, callback=states.append).fit(x)
+    path = tmp_path / "alpha0.0.npz"
+    sel_stage.save_checkpoint(path, states[0], "fp")
+    back = sel_stage.load_checkpoint(path, "fp")
+    assert isinstance(back, GreedyState) and back.step == 6
+    np.testing.assert_array_equal(back.cur, states[0].cur)
+    assert sel_stage.load_checkpoint(path, "other") is None
+    old = tmp_path / "old.npz"
+    np.savez(old, selected=back.selected, gains=back.gains, scores=back.scores, cur=back.cur,
+             scale_exp=np.int64(22), fingerprint=np.bytes_(b"fp"))
+    resumed = QDITSelector(12, 0.0).fit(x, initial_state=sel_stage.load_checkpoint(old, "fp"))
+    np.testing.assert_array_equal(resumed.ranking_, QDITSelector(12, 0.0).fit(x).ranking_)
+
+
 def test_stage_rejects_mismatched_ids_and_large_k(tmp_path):
     a = tmp_path / "a"
     make_run_dir(a, drop_quality=5)
@@ -218,12 +240,13 @@ def test_two_actors_equal_single_process(ray_session):
     states = []
     single = QDITSelector(50, 0.7, memory_budget_mb=0.5, checkpoint_every=20,
                           callback=states.append).fit(x, q)
-    dist = sharded_select(QDITSelector(50, 0.7, memory_budget_mb=0.5), x, q, 2, num_gpus=0)
+    dist = sharded_select(QDITSelector(50, 0.7, memory_budget_mb=0.5), x, q, concurrency=2,
+                          num_gpus=0)
     np.testing.assert_array_equal(dist.ranking_, single.ranking_)
     np.testing.assert_array_equal(dist.gains_, single.gains_)
     np.testing.assert_array_equal(dist.scores_, single.scores_)
     assert math.isclose(dist.objective_, single.objective_, rel_tol=1e-12)
-    resumed = sharded_select(QDITSelector(50, 0.7, memory_budget_mb=0.5), x, q, 2,
+    resumed = sharded_select(QDITSelector(50, 0.7, memory_budget_mb=0.5), x, q, concurrency=2,
                              initial_state=states[0], num_gpus=0)
     np.testing.assert_array_equal(resumed.ranking_, single.ranking_)
     res, picks, _ = greedi_select(x, q, 50, 0.7, partitions=1, num_gpus=0)

@@ -148,6 +148,60 @@ def test_shipped_configs_need_nothing_beside_the_repository(tmp_path, monkeypatc
             assert resolve_path(src.path).is_file(), f"{p.name}: {src.path}"
 
 
+@pytest.mark.parametrize(("override", "key"), [
+    ("select.k=true", "select.k"), ("select.k=1.0", "select.k"), ("select.k='5'", "select.k"),
+    ("train.lr=true", "train.lr"), ("embed.normalize=1", "embed.normalize"),
+    ("embed.normalize=yes_please", "embed.normalize"), ("train.use_gpu=0", "train.use_gpu"),
+    ("train.adam_betas=[true, 0.9]", "train.adam_betas"), ("seed=false", "seed"),
+])
+def test_config_numbers_and_booleans_are_strict(tmp_path, override, key):
+    """Issue 11: select.k=true was accepted as 1."""
+    p = _write(tmp_path, BASE)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, [override])
+    assert key in str(e.value) and "got" in str(e.value), str(e.value)
+
+
+def test_config_strictness_keeps_what_yaml_writes_naturally(tmp_path):
+    p = _write(tmp_path, BASE | {"train": {"lr": 1, "adam_betas": [0.9, 1]},
+                                 "mix": {"pairs": [["a", "b"]]}, "select": {"alpha": [0, 1]}})
+    cfg = load_config(p, ["embed.num_gpus=1", "train.use_gpu=true"])
+    assert cfg.train.lr == 1.0 and cfg.train.adam_betas == (0.9, 1.0)
+    assert cfg.mix.pairs == [("a", "b")] and cfg.select.alphas == [0.0, 1.0]
+    assert cfg.embed.num_gpus == 1.0 and cfg.train.use_gpu is True
+
+
+def test_duplicate_yaml_keys_are_rejected_with_key_and_line(tmp_path):
+    """Issue 11: duplicate keys were accepted (the last won)."""
+    p = tmp_path / "d.yaml"
+    p.write_text("ingest:\n  sources:\n    - name: s\n      path: x.jsonl\n"
+                 "select:\n  k: 10\n  alpha: 0.5\n  k: 20\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "duplicate key 'k'" in str(e.value) and f"{p}:8" in str(e.value), str(e.value)
+    p.write_text("seed: 1\nseed: 2\ningest: {sources: [{name: s, path: x.jsonl}]}\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'seed'.*:2"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="duplicate key 'a'"):
+        load_config(_write(tmp_path, BASE), ["ingest.sources.0.fields={a: 1, a: 2}"])
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    p = tmp_path / "m.yaml"
+    p.write_text("x-pool: &pool {batch_size: 8, concurrency: 1}\n"
+                 "ingest: {sources: [{name: s, path: x.jsonl}]}\n"
+                 "embed:\n  <<: *pool\n  batch_size: 16\n")
+    with pytest.raises(ConfigError, match="x-pool: unknown key"):  # merge works; x-pool is unknown
+        load_config(p)
+
+
+def test_a_boolean_is_not_a_zero_stage(tmp_path):
+    """Strict mode alone maps true onto Literal[0, 1, 2, 3]'s 1."""
+    with pytest.raises(ConfigError, match=r"train.deepspeed.stage: .*boolean.*got true"):
+        load_config(_write(tmp_path, BASE), ["train.deepspeed.stage=true"])
+    assert load_config(_write(tmp_path, BASE), ["train.deepspeed.stage=3"]).train.deepspeed.stage == 3
+
+
 def test_sftmix_llama8b_holds_the_papers_settings(capsys, tmp_path, monkeypatch):
     """configs/sftmix_llama8b.yaml (not run): SFTMix's section 4.1 setting, a DeepSpeed ZeRO-3 config
     that builds, and `mixray validate` asks only for what a user must bring (the data, the model)."""

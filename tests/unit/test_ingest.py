@@ -176,3 +176,118 @@ def test_real_mdit_tasks(tmp_path):
         assert t["instruction"].to_pylist() == [r["instruction"] for r in want]
         assert t["output"].to_pylist() == [r["output"] for r in want]
     assert by_source["humaneval"]["id"][0].as_py() == "humaneval/HumanEval/0"
+
+
+
+
+# --- issue 11: readers never stop early, nothing lost, no traceback ---------------------------
+
+def _alpaca(i: int) -> dict:
+    return {"instruction": f"q{i}", "output": f"a{i}"}
+
+
+def test_json_list_bad_element_mid_list_does_not_drop_the_rest(tmp_path):
+    """Issue 11: one malformed element in the middle of a JSON list stopped the reader there."""
+    elems = [json.dumps(_alpaca(i)) for i in range(10)]
+    elems[3] = '{"instruction": "q3", "output": a3}'  # unquoted value: not JSON
+    p = tmp_path / "l.json"
+    p.write_text("[\n" + ",\n".join(elems) + "\n]\n")
+    m, ex, rj = _ingest(tmp_path, [{"name": "l", "path": str(p)}])
+    assert (m["counts"]["in"], m["counts"]["kept"], m["counts"]["rejected"]) == (10, 9, 1)
+    assert ex.column("instruction").to_pylist() == [f"q{i}" for i in range(10) if i != 3]
+    assert rj.to_pylist()[0] | {"detail": None} == {
+        "source": "l", "file": str(p), "line": 5, "row": 4, "reason": "unparseable",
+        "detail": None, "raw": '{"instruction": "q3", "output": a3}'}
+
+
+def test_csv_cell_over_the_default_field_limit_is_kept_and_later_rows_read(tmp_path):
+    """Issue 11: a cell over csv's 131,072-character default limit ended the loop."""
+    p = tmp_path / "big.csv"
+    big = "x" * 200_000
+    rows = [f"q{i},a{i}" for i in range(7)]
+    rows[2] = f'q2,"{big}"'
+    p.write_text("instruction,output\n" + "\n".join(rows) + "\n")
+    m, ex, rj = _ingest(tmp_path, [{"name": "c", "path": str(p)}])
+    assert (m["counts"]["in"], m["counts"]["kept"], m["counts"]["rejected"]) == (7, 7, 0)
+    assert ex.column("output").to_pylist()[2] == big
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "json"])
+def test_utf8_bom_loses_nothing(tmp_path, fmt):
+    """Issue 11: a BOM cost JSONL its first record and CSV every row (header '\\ufeffinstruction')."""
+    recs = [_alpaca(i) for i in range(3)]
+    text = {"jsonl": "\n".join(json.dumps(r) for r in recs) + "\n",
+            "json": json.dumps(recs),
+            "csv": "instruction,output\n" + "".join(f"{r['instruction']},{r['output']}\n" for r in recs),
+            }[fmt]
+    p = tmp_path / f"bom.{fmt}"
+    p.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    m, ex, rj = _ingest(tmp_path, [{"name": "b", "path": str(p)}])
+    assert (m["counts"]["in"], m["counts"]["kept"]) == (3, 3), rj.to_pylist()
+    assert ex.column("instruction").to_pylist() == ["q0", "q1", "q2"]
+
+
+def test_csv_quality_column_is_coerced_to_a_number(tmp_path):
+    """Issue 11: CSV values are strings, so every row was rejected as wrong_type."""
+    p = tmp_path / "q.csv"
+    p.write_text("instruction,output,score\nq0,a0,0.5\nq1,a1, 2 \nq2,a2,high\nq3,a3,\nq4,a4,nan\nq5,a5,-1e-3\n")
+    m, ex, rj = _ingest(tmp_path, [{"name": "q", "path": str(p), "fields": {"quality": "score"}}])
+    assert ex.column("quality").to_pylist() == [0.5, 2.0, -0.001]
+    assert {(r["line"], r["reason"]) for r in rj.to_pylist()} == {
+        (4, "wrong_type"), (5, "missing_field"), (6, "wrong_type")}
+
+
+def test_truncated_jsonl_gz_keeps_every_complete_line(tmp_path):
+    """Issue 11: a truncated .jsonl.gz raised EOFError; nothing was ingested."""
+    import gzip
+
+    text = "".join(json.dumps(_alpaca(i)) + "\n" for i in range(40)).encode()
+    whole = gzip.compress(text, mtime=0)
+    p = tmp_path / "cut.jsonl.gz"
+    p.write_bytes(whole[: len(whole) * 2 // 3])
+    readable = _gunzip_prefix(p.read_bytes())
+    complete = readable.count(b"\n")
+    assert 5 < complete < 40
+    m, ex, rj = _ingest(tmp_path, [{"name": "g", "path": str(p)}])
+    assert ex.column("instruction").to_pylist() == [f"q{i}" for i in range(complete)]
+    assert rj.column("reason").to_pylist() == ["unparseable"]
+    assert "cut off" in rj.column("detail")[0].as_py() and rj.column("line")[0].as_py() == complete + 1
+    assert m["counts"]["in"] == complete + 1
+
+
+def _gunzip_prefix(data: bytes) -> bytes:
+    import zlib
+
+    return zlib.decompressobj(wbits=31).decompress(data)
+
+
+def test_invalid_utf8_in_the_id_field_is_a_reject_not_a_traceback(tmp_path):
+    """Issue 11: invalid UTF-8 in the id field raised UnicodeEncodeError and aborted the ingest."""
+    p = tmp_path / "id.jsonl"
+    p.write_bytes(b'{"id": "ok", "instruction": "q", "output": "a"}\n'
+                  b'{"id": "b\xff\xfe", "instruction": "q2", "output": "a2"}\n')
+    m, ex, rj = _ingest(tmp_path, [{"name": "s", "path": str(p), "fields": {"id": "id"}}])
+    assert ex.column("id").to_pylist() == ["s/ok"]
+    assert [(r["line"], r["reason"]) for r in rj.to_pylist()] == [(2, "invalid_utf8")]
+    assert "(id)" in rj.column("detail")[0].as_py()
+
+
+def test_empty_source_gives_a_warning(tmp_path, caplog):
+    """Issue 11: an empty source was accepted without a word."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    full = tmp_path / "full.jsonl"
+    full.write_text(json.dumps(_alpaca(0)) + "\n")
+    with caplog.at_level("WARNING", logger="mixray.ingest"):
+        m, _, _ = _ingest(tmp_path, [{"name": "e", "path": str(empty)}, {"name": "f", "path": str(full)}])
+    assert m["counts"]["sources"]["e"]["in"] == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("e" in w and str(empty) in w and "no record" in w for w in warned), warned
+
+
+def test_csv_first_row_is_reported_at_its_own_line(tmp_path):
+    """Issue 11: the first CSV row was reported at the header's line (1)."""
+    p = tmp_path / "l.csv"
+    p.write_text('instruction,output\nq0,\n"multi\nline",a1\nq2,\n')
+    _, _, rj = _ingest(tmp_path, [{"name": "c", "path": str(p)}])
+    assert [(r["line"], r["row"]) for r in rj.to_pylist()] == [(2, 1), (5, 3)]

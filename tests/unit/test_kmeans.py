@@ -22,6 +22,7 @@ from mixray.algorithms.kmeans import (
     update_centres,
 )
 from mixray.distributed.kmeans import KMeansShard, split_rows
+from mixray.errors import ClusteringInputError
 
 
 def blobs(n=1500, d=8, k=6, seed=0, dtype=np.float64):
@@ -183,9 +184,9 @@ def test_empty_cluster_is_reseeded_like_sklearn():
 
 def test_stops_at_max_iter_or_when_no_label_changes():
     X = blobs(n=400, seed=9)
-    km = KMeans(6, init="random", max_iter=1, seed=0).fit(X)
+    km = KMeans(6, init="random", max_iter=1, random_state=0).fit(X)
     assert km.n_iter_ == 1 and km.converged_ == "max_iter"
-    km = KMeans(6, init="k-means++", max_iter=500, tol=0.0, seed=0).fit(X)
+    km = KMeans(6, init="k-means++", max_iter=500, tol=0.0, random_state=0).fit(X)
     assert km.converged_ == "strict"
     np.testing.assert_array_equal(km.predict(X), km.labels_)
 
@@ -212,8 +213,8 @@ def test_kmeans_plusplus_with_duplicate_points_still_returns_k_distinct_rows():
 
 def test_seeded_inits_are_reproducible():
     X = blobs(n=500, seed=11)
-    a = KMeans(5, init="k-means++", seed=3).fit(X)
-    b = KMeans(5, init="k-means++", seed=3).fit(X)
+    a = KMeans(5, init="k-means++", random_state=3).fit(X)
+    b = KMeans(5, init="k-means++", random_state=3).fit(X)
     np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
 
 
@@ -226,13 +227,14 @@ def test_seeded_inits_are_reproducible():
         (np.array([["a", "b"]]), {"n_clusters": 1}, "must be numeric"),
         (np.zeros((5, 2)), {"n_clusters": 2, "init": np.zeros((3, 2))}, r"init has shape \(3, 2\)"),
         (np.zeros((5, 2)), {"n_clusters": 2, "init": "kmeans"}, "allowed: k-means"),
-        (np.zeros((5, 2)), {"n_clusters": 0}, "positive integer"),
+        (np.zeros((5, 2)), {"n_clusters": 0}, r"n_clusters must be >= 1, got n_clusters=0"),
         (np.zeros((5, 2)), {"n_clusters": 2, "max_iter": 0}, "max_iter"),
     ],
 )
 def test_bad_input_is_rejected_at_the_boundary(X, kw, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ClusteringInputError, match=match) as e:
         KMeans(**kw).fit(X)
+    assert isinstance(e.value, ValueError)  # one family, and still the built-in
 
 
 def test_large_finite_values_pass_the_fast_finiteness_check():
@@ -266,3 +268,28 @@ def test_shard_kernel_without_ray():
 def test_split_rows_covers_every_row_once():
     assert split_rows(10, 3) == [(0, 3), (3, 7), (7, 10)]
     assert split_rows(2, 2) == [(0, 1), (1, 2)]
+
+
+def test_sklearn_estimator_protocol():
+    """clone/get_params/set_params; fit leaves the parameters as given."""
+    from sklearn.base import clone
+
+    X = blobs(n=300, seed=13)
+    km = KMeans(np.int64(4), init="random", tol=0, random_state=2)
+    params = km.get_params()
+    km.fit(X)
+    assert all(km.get_params()[k] is v for k, v in params.items())
+    twin = clone(km).set_params(random_state=2)
+    np.testing.assert_array_equal(twin.fit(X).labels_, km.labels_)
+    assert "random_state" in params and "seed" not in params
+
+
+def test_inits_come_from_the_one_list_of_choices():
+    from mixray import choices
+    from mixray.distributed.kmeans import DistributedKMeans
+
+    with pytest.raises(ClusteringInputError, match=r"allowed: k-means\+\+, random or an array"):
+        KMeans(2, init="k-means||").fit(np.zeros((5, 2)))
+    assert choices.KMEANS_INITS == ("k-means++", "random")
+    assert "k-means||" in choices.DISTRIBUTED_KMEANS_INITS
+    assert DistributedKMeans().get_params()["init"] in choices.DISTRIBUTED_KMEANS_INITS

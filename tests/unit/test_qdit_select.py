@@ -17,18 +17,18 @@ import pytest
 import torch
 
 from mixray.algorithms import facility as fl
+from mixray.algorithms.facility import Pool, greedi, local_shards
+from mixray.algorithms.facility import kernels as fk
 from mixray.algorithms.qdit import (
-    Pool,
     QDITSelector,
-    SelectionInputError,
     check_embeddings,
     evaluate_ranking,
-    greedi,
     minmax,
     quality_order,
     select_cluster,
     select_threshold,
 )
+from mixray.errors import SelectionInputError
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "qdit_minilm.npz"
 
@@ -65,9 +65,8 @@ def test_gains_match_float64_reference(real):
     pool = _pool(x)
     rng = np.random.default_rng(0)
     cur = np.maximum(0, x[rng.choice(len(x), 3)] @ x.T).max(0)  # running max of 3 picks
-    e = pool.scale_exp
-    cur_s = torch.from_numpy(np.floor(cur * 2.0 ** e).astype(np.float32))
-    got = fl.dense_gains(pool.xs[:50], pool.xs, cur_s).numpy() * 2.0 ** -e
+    cur_s = torch.from_numpy(np.floor(cur * 2.0 ** fl.SCALE_EXP).astype(np.float32))
+    got = fl.dense_gains(pool.xs[:50], pool.xs, cur_s).numpy() * fl.UNIT
     ref = np.maximum(0, x[:50].astype(np.float64) @ x.T.astype(np.float64) - cur).sum(1)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
 
@@ -77,8 +76,8 @@ def test_gains_do_not_depend_on_blocking(real, monkeypatch):
     pool = _pool(x)
     cur = torch.zeros(len(x))
     a = fl.dense_gains(pool.xs, pool.xs, cur)
-    monkeypatch.setattr(fl, "ROW_BLOCK", 48)
-    monkeypatch.setattr(fl, "COL_BLOCK", 100)
+    monkeypatch.setattr(fk, "ROW_BLOCK", 48)
+    monkeypatch.setattr(fk, "COL_BLOCK", 100)
     b = fl.dense_gains(pool.xs[torch.arange(len(x) - 1, -1, -1)], pool.xs, cur).flip(0)
     assert torch.equal(a, b)
 
@@ -92,7 +91,8 @@ def test_naive_equals_lazy_bit_for_bit(real, alpha):
     naive = QDITSelector(60, alpha, optimizer="naive").fit(x, q)
     for budget_mb in (0, 0.25, 64):  # fully dense, partly cached, fully cached
         _same(naive, QDITSelector(60, alpha, memory_budget_mb=budget_mb).fit(x, q))
-    _same(naive, QDITSelector(60, alpha, n_shards=3, memory_budget_mb=0.25).fit(x, q))
+    three = local_shards(_pool(x, q), 3, int(0.25 * (1 << 20)))  # the sharded greedy, in-process
+    _same(naive, QDITSelector(60, alpha, memory_budget_mb=0.25).fit(x, q, shards=three))
     assert naive.objective_ == pytest.approx(
         (1 - alpha) * naive.diversity_ + alpha * naive.quality_mean_)
 
@@ -102,18 +102,16 @@ def test_lazy_with_a_tiny_shortlist_equals_naive(real, short_size):
     """The O(shortlist) rounds (rebuilt whenever the outside bound may win) change nothing."""
     x, q = real
     pool = _pool(x[:300], q[:300])
-    ref = fl.naive_greedy(pool.xs, pool.q, 0.5, 40, scale_exp=pool.scale_exp)
+    ref = fl.naive_greedy(pool.xs, pool.q, 0.5, 40)
     theta = fl.choose_threshold(pool.xs, pool.xs, 300, (1 << 20) // 8)
-    shards = fl.LocalShards([fl.ColumnShard(pool.xs, None, pool.scale_exp, 1 << 20)])
-    res = fl.lazy_greedy(shards, pool.q, 0.5, 40, n_pool=300, scale_exp=pool.scale_exp,
-                         theta=theta, short_size=short_size)
+    shards = fl.LocalShards([fl.ColumnShard(pool.xs, None, 1 << 20)])
+    res = fl.lazy_greedy(shards, pool.q, 0.5, 40, n_pool=300, theta=theta, short_size=short_size)
     np.testing.assert_array_equal(res.ranking, ref.ranking)
     np.testing.assert_array_equal(res.gains, ref.gains)
     qt = torch.round(pool.q * 4) / 4  # heavy ties in f: the lower index must still win
-    ref = fl.naive_greedy(pool.xs, qt, 0.9, 40, scale_exp=pool.scale_exp)
-    shards = fl.LocalShards([fl.ColumnShard(pool.xs, None, pool.scale_exp, 1 << 20)])
-    res = fl.lazy_greedy(shards, qt, 0.9, 40, n_pool=300, scale_exp=pool.scale_exp,
-                         theta=theta, short_size=short_size)
+    ref = fl.naive_greedy(pool.xs, qt, 0.9, 40)
+    shards = fl.LocalShards([fl.ColumnShard(pool.xs, None, 1 << 20)])
+    res = fl.lazy_greedy(shards, qt, 0.9, 40, n_pool=300, theta=theta, short_size=short_size)
     np.testing.assert_array_equal(res.ranking, ref.ranking)
 
 
@@ -193,12 +191,12 @@ def test_stochastic_close_to_lazy_and_seeded(real):
     x, q = real
     for alpha in (0.0, 0.7):
         lazy = QDITSelector(48, alpha).fit(x, q)
-        st = QDITSelector(48, alpha, optimizer="stochastic", epsilon=0.01, seed=1).fit(x, q)
+        st = QDITSelector(48, alpha, optimizer="stochastic", epsilon=0.01, random_state=1).fit(x, q)
         assert st.objective_ >= 0.97 * lazy.objective_
-        again = QDITSelector(48, alpha, optimizer="stochastic", epsilon=0.01, seed=1).fit(x, q)
+        again = QDITSelector(48, alpha, optimizer="stochastic", epsilon=0.01, random_state=1).fit(x, q)
         _same(st, again)
         assert len(set(st.ranking_.tolist())) == 48
-    other = QDITSelector(48, 0.0, optimizer="stochastic", epsilon=0.5, seed=2).fit(x)
+    other = QDITSelector(48, 0.0, optimizer="stochastic", epsilon=0.5, random_state=2).fit(x)
     assert not np.array_equal(other.ranking_, lazy.ranking_ if alpha == 0.0 else st.ranking_)
     assert fl.stochastic_sample_size(480, 48, 0.01) == math.ceil(10 * math.log(100))
 
@@ -210,7 +208,7 @@ class _Killed(Exception):
 @pytest.mark.parametrize("optimizer", ["lazy", "naive", "stochastic"])
 def test_resume_gives_the_identical_result(real, optimizer):
     x, q = real
-    full = QDITSelector(40, 0.7, optimizer=optimizer, seed=3).fit(x, q)
+    full = QDITSelector(40, 0.7, optimizer=optimizer, random_state=3).fit(x, q)
     saved = []
 
     def kill_at_25(state):
@@ -219,12 +217,12 @@ def test_resume_gives_the_identical_result(real, optimizer):
             raise _Killed
 
     with pytest.raises(_Killed):
-        QDITSelector(40, 0.7, optimizer=optimizer, seed=3, checkpoint_every=5,
+        QDITSelector(40, 0.7, optimizer=optimizer, random_state=3, checkpoint_every=5,
                      callback=kill_at_25).fit(x, q)
     assert [s.step for s in saved] == [5, 10, 15, 20, 25]
     last = saved[-1]
     np.testing.assert_array_equal(last.selected, full.ranking_[:25])
-    resumed = QDITSelector(40, 0.7, optimizer=optimizer, seed=3).fit(x, q, initial_state=last)
+    resumed = QDITSelector(40, 0.7, optimizer=optimizer, random_state=3).fit(x, q, initial_state=last)
     _same(full, resumed)
     assert resumed.objective_ == full.objective_
 
@@ -250,8 +248,8 @@ def test_greedi_one_partition_equals_greedy_and_many_are_close(real):
 
 def test_baselines(real):
     x, q = real
-    r1 = QDITSelector(30, 0.7, method="random", seed=5).fit(x, q)
-    r2 = QDITSelector(30, 0.7, method="random", seed=5).fit(x, q)
+    r1 = QDITSelector(30, 0.7, method="random", random_state=5).fit(x, q)
+    r2 = QDITSelector(30, 0.7, method="random", random_state=5).fit(x, q)
     np.testing.assert_array_equal(r1.ranking_, r2.ranking_)
     assert len(set(r1.ranking_.tolist())) == 30
     top = QDITSelector(30, 0.7, method="quality").fit(x, q)
@@ -343,3 +341,58 @@ def test_bad_resume_state_is_rejected(real):
         QDITSelector(10, 0.5).fit(x, q, initial_state=st)
     with pytest.raises(SelectionInputError, match="initial_state has 10 selections but k=5"):
         QDITSelector(5, 0.5).fit(x[:100], q[:100], initial_state=st)
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-200])
+def test_extreme_magnitudes_normalise_instead_of_vanishing(real, scale):
+    """Rows ~1e±200 (float64): their squares over/underflow, so the norm is taken after scaling."""
+    x, q = real
+    x64 = x[:60].astype(np.float64)
+    mixed = x64.copy()
+    mixed[::2] *= scale  # every other row is extreme; the rest keep their ordinary path
+    got = check_embeddings(mixed)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(got, check_embeddings(x64), rtol=0, atol=1e-6)
+    a = QDITSelector(10, 0.5).fit(mixed, q[:60])
+    b = QDITSelector(10, 0.5).fit(x64, q[:60])
+    np.testing.assert_array_equal(a.ranking_, b.ranking_)
+
+
+def test_sklearn_estimator_protocol(real):
+    """get_params/set_params/clone work, and fit never writes the constructor parameters."""
+    from sklearn.base import clone
+
+    x, q = real
+    sel = QDITSelector(20, alpha=1, optimizer="stochastic", random_state=np.int64(4), epsilon=0.2)
+    before = sel.get_params()
+    sel.fit(x, q)
+    after = sel.get_params()
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert type(sel.alpha) is int and sel.alpha == 1  # not rewritten to float
+    twin = clone(sel)
+    assert not hasattr(twin, "ranking_") and twin.get_params()["epsilon"] == 0.2
+    twin.set_params(alpha=0.5, random_state=4)
+    np.testing.assert_array_equal(twin.fit(x, q).ranking_,
+                                  QDITSelector(20, 0.5, optimizer="stochastic", epsilon=0.2,
+                                               random_state=4).fit(x, q).ranking_)
+    with pytest.raises(TypeError):
+        QDITSelector(5, seed=1)  # the Python API says random_state
+
+
+def test_selection_errors_are_one_family(real):
+    from mixray.errors import MixrayError
+
+    x, _ = real
+    with pytest.raises(SelectionInputError) as e:
+        QDITSelector(5, 0.0, device="gpu").fit(x)
+    assert isinstance(e.value, MixrayError) and isinstance(e.value, ValueError)
+    assert "device must be one of ['auto', 'cpu', 'cuda'], got 'gpu'" in str(e.value)
+
+
+def test_closed_choices_come_from_mixray_choices():
+    from mixray import choices
+
+    rules = QDITSelector._constraints
+    assert rules["optimizer"].values is choices.SELECT_OPTIMIZERS
+    assert rules["method"].values is choices.SELECT_METHODS
+    assert rules["device"].values is choices.DEVICES

@@ -192,11 +192,11 @@ def test_cli_run_dir_that_is_a_file_and_non_utf8_config(tmp_path, capsys):
 
 def test_cli_algorithm_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys,
                                                                          monkeypatch):
-    """select.device=cuda on a CPU machine: the algorithm layer's SelectionInputError, one line."""
+    """select.device=cuda on a CPU machine: the algorithm layer's ResourceError, one line."""
     import numpy as np
     import torch
 
-    from mixray.errors import SelectionInputError
+    from mixray.errors import ResourceError
     from mixray.io.embeddings import embedding_array
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine
@@ -214,8 +214,9 @@ def test_cli_algorithm_errors_are_one_line_and_debug_shows_the_traceback(tmp_pat
     assert main(["run", str(cfg), "select.k=3", "select.device=cuda"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("mixray run: error: ") and "no CUDA device" in err[-1]
+    assert err[-1].endswith("(select.device)")
     assert not any("Traceback" in line for line in err)
-    with pytest.raises(SelectionInputError):
+    with pytest.raises(ResourceError):
         main(["--debug", "run", str(cfg), "select.k=3", "select.device=cuda"])
 
 

@@ -85,3 +85,23 @@ def test_ids_are_stable_and_content_derived():
     assert derived_id("alpaca", k1, 1) == f"alpaca/{k1[:16]}"
     assert derived_id("alpaca", k1, 2) == f"alpaca/{k1[:16]}-2"
     assert derived_id("other", k1, 1) != derived_id("alpaca", k1, 1)
+
+
+def test_quality_numeric_strings_are_coerced_by_the_declared_type():
+    """Issue 11: CSV (and some JSON) sources carry numbers as strings."""
+    fm = FieldMap(quality="score")
+    for text, want in (("0.25", 0.25), (" 3 ", 3.0), ("-1e2", -100.0), ("+.5", 0.5)):
+        assert map_record({"instruction": "a", "output": "b", "score": text}, fm, "s", "s")["quality"] == want
+    for bad in ("nan", "inf", "1_000", "0x10", "1,5", "high", "true"):
+        out = map_record({"instruction": "a", "output": "b", "score": bad}, fm, "s", "s")
+        assert isinstance(out, Rejected) and out.reason == RejectReason.WRONG_TYPE, bad
+    out = map_record({"instruction": "a", "output": "b", "score": "  "}, fm, "s", "s")
+    assert isinstance(out, Rejected) and out.reason == RejectReason.MISSING_FIELD
+
+
+def test_invalid_utf8_in_id_and_quality_is_rejected_as_invalid_utf8():
+    for rec, fm in (({"id": "x\udcff", "instruction": "a", "output": "b"}, FieldMap(id="id")),
+                    ({"q": "0.5\udcff", "instruction": "a", "output": "b"}, FieldMap(quality="q"))):
+        out = map_record(rec, fm, "s", "s")
+        assert isinstance(out, Rejected) and out.reason == RejectReason.INVALID_UTF8, out
+        out.detail.encode("utf-8")  # the detail itself is writable
