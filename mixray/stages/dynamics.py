@@ -150,7 +150,7 @@ class Dynamics(Stage):
             self.inputs = self.inputs | {f"checkpoint-{c}": _dir_signature(p)
                                          for c, p in enumerate(self.given, 1)}
         else:
-            check_model(self.ref.model, "dynamics.model")
+            check_model(self.ref.model, "dynamics.model", need="model")
             self.job = plan_job(self.ref, self.run_dir, self.cfg.seed)
             self.steps = checkpoint_steps(self.job.total_steps, sec.num_checkpoints)
             self.rows, self.inputs = self.job.rows, dict(self.job.inputs)
@@ -225,6 +225,10 @@ class Dynamics(Stage):
         log.info("dynamics: training the reference model %s with NTP on %d examples, %d steps; "
                  "checkpoints at steps %s", self.ref.model, job.counts["rows"], job.total_steps, self.steps)
         tokens = tokenize_rows(job.rows, job.cfg, job.model_path)
+        n_cut = int(np.count_nonzero(tokens.column("truncated").to_numpy()))
+        if n_cut:
+            log.warning("dynamics: %d of %d examples were cut to max_length=%d tokens for the reference "
+                        "run", n_cut, tokens.num_rows, job.cfg.max_length)
         loop = job.loop_config(ref_dir / "logs", ref_dir / f"step-{self.steps[-1]}")
         loop |= {"export_steps": self.steps[:-1], "export_steps_dir": str(ref_dir)}
         fit_job(job, tokens, self.stage_dir / RAY, loop)
