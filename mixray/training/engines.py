@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -136,11 +137,30 @@ def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _scheduler(config: dict[str, Any]):
-    """Cosine decay to 0 over ``total_steps`` after a linear warm-up of ``warmup_steps``."""
-    from transformers import get_cosine_schedule_with_warmup
+def lr_factor(i: int, warmup: int, total: int) -> float:
+    """The lr multiplier of optimizer step ``i + 1`` (``i`` = steps taken before it).
 
-    return lambda opt: get_cosine_schedule_with_warmup(opt, config["warmup_steps"], config["total_steps"])
+    Linear warm-up that reaches the peak at step ``warmup`` (``(i + 1) / warmup``: step 1
+    already trains, at ``lr / warmup``), then a cosine from the peak towards 0 over the
+    remaining ``total - warmup`` steps, ``0.5 · (1 + cos(π · (i − warmup) / (total − warmup)))``.
+    Without warm-up this is transformers' ``get_cosine_schedule_with_warmup(opt, 0, total)``.
+    """
+    if i < warmup:
+        return (i + 1) / warmup
+    progress = (i - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _scheduler(config: dict[str, Any]):
+    """A ``LambdaLR`` of :func:`lr_factor` over ``total_steps`` with ``warmup_steps`` of warm-up."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    warmup, total = config["warmup_steps"], config["total_steps"]
+
+    def factor(i: int) -> float:  # a function, not an object: LambdaLR's state_dict skips it
+        return lr_factor(i, warmup, total)
+
+    return lambda opt: LambdaLR(opt, factor)
 
 
 def make_engine(config: dict[str, Any], device):
