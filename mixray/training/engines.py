@@ -25,7 +25,10 @@ Checkpoints (the on-disk format resume relies on): DeepSpeed's ``save_checkpoint
 under the tag ``state`` (every rank its partitions; LoRA: trainable parameters only),
 or ``ddp_state.pt`` (rank 0: trainable parameters, optimizer, scheduler); beside it
 the loop's common state (``save_loop_state``): ``trainer_state.json`` (step, run
-name) and ``rng/rank<r>.pt`` (each rank's torch RNG state).
+name) and ``rng/rank<r>.pt`` (each rank's torch RNG state). ``load`` trusts the
+directory it is given: the loop calls it only on a checkpoint whose signed records
+verify (``mixray.training.checkpoints``), because DeepSpeed's ``load_checkpoint``
+unpickles.
 """
 
 from __future__ import annotations
