@@ -292,7 +292,7 @@ def fit(
     from mixray.io.checkpoints import checkpoint_key
     from mixray.training.checkpoints import repair_snapshot
 
-    if not loop_config["checkpoint_key"]:  # the driver's key: workers on other nodes sign with it too
+    if not loop_config.get("checkpoint_key"):  # the driver's key: workers on other nodes sign with it too
         loop_config = loop_config | {"checkpoint_key": checkpoint_key().hex()}
     repair_snapshot(storage_path, name)
 
