@@ -149,7 +149,6 @@ def output_hash(stage_dir: Path, name: str) -> str:
     return m["outputs"][name]
 
 
-@contextmanager
 def _fsync(path: Path) -> None:
     """Flush a file (or every file of a directory, and the directory) to stable storage."""
     paths = [path] if path.is_file() else [*sorted(p for p in path.rglob("*") if p.is_file()), path]

@@ -176,16 +176,29 @@ def execute(stage: Stage, force: bool = False) -> dict[str, Any]:
     return m | {"skipped": False}
 
 
+def _wrapped(e: BaseException) -> Iterator[BaseException]:
+    """``e`` and every exception it wraps: ``__cause__``, Ray's ``cause`` (a task's error),
+    Ray Train's ``controller_failure`` and ``worker_failures`` (rank -> error)."""
+    seen, stack = set(), [e]
+    while stack:
+        c = stack.pop()
+        if not isinstance(c, BaseException) or id(c) in seen:
+            continue
+        seen.add(id(c))
+        yield c
+        failures = getattr(c, "worker_failures", None)
+        stack += [c.__cause__, getattr(c, "cause", None), getattr(c, "controller_failure", None),
+                  *(failures.values() if isinstance(failures, dict) else ())]
+
+
 def _raise_out_of_memory(stage: Stage, e: BaseException) -> None:
-    """A Ray OOM kill -> one ResourceError naming the stage and its knobs."""
+    """A Ray OOM kill (however deep Ray Data or Ray Train wrapped it) -> one ResourceError
+    naming the stage and its knobs."""
     if "ray" not in sys.modules:
         return
     from ray.exceptions import OutOfMemoryError
 
-    cause = e
-    while cause is not None and not isinstance(cause, OutOfMemoryError):
-        cause = cause.__cause__ or getattr(cause, "cause", None)
-    if cause is None:
+    if not any(isinstance(c, OutOfMemoryError) for c in _wrapped(e)):
         return
     knobs = ", ".join([f"{stage.name}.{k}" for k in stage.memory_knobs] or ["ray.num_cpus"])
     raise ResourceError(

@@ -20,18 +20,25 @@ Outputs under ``<run_dir>/select/``:
   selection, under ``summary``.
 
 Resume: the greedy state is checkpointed every ``select.checkpoint_every``
-steps into ``select/checkpoints/``; a run killed mid-way continues from the
-last checkpoint (same config and inputs) and gives the same ranking as an
-uninterrupted run. Checkpoints are deleted when the stage completes.
+steps into ``select/checkpoints/`` (``alpha<α>-step<s>.npz``, written atomically
+and flushed, the newest two per α) with a signed record of their sha256
+(``record.json``, :mod:`mixray.io.checkpoints`); a run killed mid-way continues
+from the last intact checkpoint (same config and inputs) and gives the same
+ranking as an uninterrupted run. A corrupt, truncated, zero-length or unrecorded
+checkpoint is reported in one line and skipped (the previous one is used, or the
+selection starts over). Checkpoints are deleted when the stage completes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
-import os
 import shutil
 import time
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +58,14 @@ from mixray.contracts import (
     SWEEP_TABLE,
 )
 from mixray.errors import ConfigError, InputError
+from mixray.io.checkpoints import (
+    CheckpointError,
+    atomic_write_bytes,
+    check_files,
+    checkpoint_key,
+    read_record,
+    write_record,
+)
 from mixray.io.embeddings import read_embeddings
 from mixray.io.rundir import write_table
 from mixray.stages.runner import Outputs, Stage, config_section
@@ -58,6 +73,8 @@ from mixray.stages.runner import Outputs, Stage, config_section
 log = logging.getLogger("mixray.select")
 
 CHECKPOINTS = "checkpoints"
+RECORD = "record.json"  # the signed record of the checkpoints (mixray.io.checkpoints)
+KEEP = 2  # checkpoints kept per alpha: the newest and the one before it
 
 
 def sweep_name(alpha: float) -> str:
@@ -109,36 +126,106 @@ def read_pool(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 # -- checkpoints (the only I/O of the greedy state; layer 1 only hands the state over) ---------
 
 
-def _ckpt_path(stage_dir: Path, alpha: float) -> Path:
-    return stage_dir / CHECKPOINTS / f"alpha{float(alpha)!r}.npz"
+def _ckpt_name(alpha: float, step: int) -> str:
+    return f"alpha{float(alpha)!r}-step{step}.npz"
 
 
-def save_checkpoint(path: Path, state, fp: str) -> None:
-    """Atomically write a GreedyState (selected, gains, scores, scaled cur) with its fingerprint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, selected=state.selected, gains=state.gains, scores=state.scores, cur=state.cur,
-                 fingerprint=np.bytes_(fp.encode()))
-    os.replace(tmp, path)
+def read_state(path: Path, fp: str):
+    """The GreedyState in the npz at ``path`` if it was written for ``fp``, else None.
 
-
-def load_checkpoint(path: Path, fp: str):
-    """The GreedyState at ``path`` if it was written for the same config/inputs, else None."""
+    Call only on a file whose recorded sha256 was checked (:func:`load_checkpoint`).
+    """
     from mixray.algorithms.facility import GreedyState
 
-    if not path.is_file():
-        return None
+    with np.load(path) as z:  # allow_pickle=False: arrays only
+        if bytes(z["fingerprint"]).decode() != fp:
+            return None
+        return GreedyState(z["selected"].astype(np.int64), z["gains"], z["scores"],
+                           z["cur"].astype(np.float32))
+
+
+def _recorded(ckdir: Path, key: bytes) -> tuple[dict[str, str], dict[str, dict]]:
+    """(files, meta) of the checkpoint record, or empty when there is none or it is unusable."""
     try:
-        with np.load(path) as z:
-            if bytes(z["fingerprint"]).decode() != fp:
-                log.info("select: ignoring %s (written for another config or input)", path)
-                return None
-            return GreedyState(z["selected"].astype(np.int64), z["gains"], z["scores"],
-                               z["cur"].astype(np.float32))
-    except (OSError, ValueError, KeyError) as e:
-        log.warning("select: unreadable checkpoint %s (%s); starting over", path, e)
+        rec = read_record(ckdir / RECORD, key)
+        return dict(rec["files"]), dict(rec["meta"])
+    except CheckpointError:
+        return {}, {}
+
+
+def save_checkpoint(ckdir: Path, alpha: float, state, fp: str, key: bytes) -> Path:
+    """Write a GreedyState (selected, gains, scores, scaled cur) and record it.
+
+    The npz is written atomically and flushed; then the signed record (``record.json``)
+    lists it with its sha256, step and fingerprint, keeping the newest ``KEEP``
+    checkpoints of each α; files the record no longer lists are removed last. A kill
+    at any point leaves the previous record, which vouches only for complete files.
+    """
+    buf = io.BytesIO()
+    np.savez(buf, selected=state.selected, gains=state.gains, scores=state.scores, cur=state.cur,
+             fingerprint=np.bytes_(fp.encode()))
+    name = _ckpt_name(alpha, state.step)
+    atomic_write_bytes(ckdir / name, buf.getvalue())
+    files, meta = _recorded(ckdir, key)
+    files[name] = hashlib.sha256(buf.getvalue()).hexdigest()
+    meta[name] = {"alpha": float(alpha), "step": int(state.step), "fingerprint": fp}
+    same = sorted((m["step"], n) for n, m in meta.items() if m["alpha"] == float(alpha))
+    for _, old in same[:-KEEP]:
+        del files[old], meta[old]
+    write_record(ckdir / RECORD, files, meta, key)
+    for p in ckdir.glob("*.npz"):
+        if p.name not in files:
+            p.unlink(missing_ok=True)
+    return ckdir / name
+
+
+def load_checkpoint(ckdir: Path, alpha: float, fp: str, key: bytes):
+    """The newest recorded, intact checkpoint of ``alpha`` written for ``fp``, else None.
+
+    Only files listed in the signed record with a matching sha256 are opened. A
+    corrupt, truncated, zero-length or unrecorded one is reported in one line and
+    the one before it is tried; with none left the selection starts over.
+    """
+    try:
+        rec = read_record(ckdir / RECORD, key)
+    except CheckpointError as e:
+        if any(ckdir.glob("*.npz")):
+            log.warning("select: checkpoints unusable: %s; starting over", e)
         return None
+    mine = sorted(((m.get("step", -1), n) for n, m in rec["meta"].items()
+                   if isinstance(m, dict) and m.get("alpha") == float(alpha)), reverse=True)
+    bad = 0
+    for _, name in mine:
+        if rec["meta"][name].get("fingerprint") != fp:
+            log.info("select: ignoring %s (written for another config or input)", ckdir / name)
+            continue
+        try:
+            check_files(ckdir, {name: rec["files"][name]})
+            state = read_state(ckdir / name, fp)
+        except (CheckpointError, OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            log.warning("select: checkpoint %s is unusable (%s); trying an older one", name, e)
+            bad += 1
+            continue
+        if state is not None:
+            return state
+    if bad:
+        log.warning("select[alpha=%s]: no usable checkpoint left; starting over", alpha)
+    return None
+
+
+@dataclass
+class Checkpoints:
+    """Where one selection's checkpoints go, for which config/inputs, under which key."""
+
+    dir: Path
+    fingerprint: str
+    key: bytes
+
+    def save(self, alpha: float, state) -> None:
+        save_checkpoint(self.dir, alpha, state, self.fingerprint, self.key)
+
+    def load(self, alpha: float):
+        return load_checkpoint(self.dir, alpha, self.fingerprint, self.key)
 
 
 # -- one selection --------------------------------------------------------------------------------
@@ -156,7 +243,7 @@ def _selector(cfg: SelectConfig, alpha: float, seed: int, callback=None):
 
 
 def select_one(cfg: SelectConfig, alpha: float, x: np.ndarray, q: np.ndarray, seed: int,
-               ckpt: Path | None, fp: str) -> dict:
+               ckpt: Checkpoints | None) -> dict:
     """Run one selection (resuming from ``ckpt``); returns ranking, gains, scores and summary.
 
     Checkpoints cover the greedy (``qdit`` with α < 1, local or sharded); GreeDi
@@ -168,7 +255,7 @@ def select_one(cfg: SelectConfig, alpha: float, x: np.ndarray, q: np.ndarray, se
     t0 = time.perf_counter()
     greedy = cfg.method == "qdit" and alpha < 1.0
     use_ckpt = ckpt is not None and greedy
-    state = load_checkpoint(ckpt, fp) if use_ckpt else None
+    state = ckpt.load(alpha) if use_ckpt else None
     if state is not None:
         log.info("select[alpha=%s]: resuming from checkpoint at step %d of %d", alpha, state.step, cfg.k)
     extra: dict = {}
@@ -187,7 +274,7 @@ def select_one(cfg: SelectConfig, alpha: float, x: np.ndarray, q: np.ndarray, se
         final = res.state()
         extra = {"greedi_partitions": len(picks), "greedi_union": int(sum(len(p) for p in picks))}
     else:
-        callback = (lambda st: save_checkpoint(ckpt, st, fp)) if use_ckpt else None
+        callback = (lambda st: ckpt.save(alpha, st)) if use_ckpt else None
         sel = _selector(cfg, alpha, seed, callback)
         if greedy and cfg.distributed == "sharded":
             from mixray.distributed.selection import sharded_select
@@ -202,7 +289,7 @@ def select_one(cfg: SelectConfig, alpha: float, x: np.ndarray, q: np.ndarray, se
         summary = (sel.objective_, sel.diversity_, sel.quality_mean_)
     if final.cur is not None:
         if use_ckpt and cfg.checkpoint_every:
-            save_checkpoint(ckpt, final, fp)  # keeps a finished alpha of a sweep
+            ckpt.save(alpha, final)  # keeps a finished alpha of a sweep
         summary = qdit.score_from_cur(final.cur, q[final.selected], alpha)
     obj, div, qm = summary
     return {"ranking": final.selected, "gains": final.gains, "scores": final.scores,
@@ -326,7 +413,9 @@ class Select(Stage):
         from mixray.algorithms.qdit import minmax
 
         cfg, seed = self.section, self.seed
-        fp = self.fingerprint  # checkpoints of another config or input are ignored
+        # checkpoints of another config or input are ignored; only signed ones are read
+        ckpt = (Checkpoints(self.stage_dir / CHECKPOINTS, self.fingerprint, checkpoint_key())
+                if cfg.checkpoint_every else None)
         ids, x, q_raw = read_pool(self.run_dir)
         if cfg.k > len(ids):
             raise ConfigError(f"select.k={cfg.k} is larger than the pool ({len(ids)} examples with "
@@ -341,7 +430,7 @@ class Select(Stage):
         summaries, main = [], None
         for alpha in cfg.alphas:
             with config_section("select"):
-                res = select_one(cfg, alpha, x, q, seed, _ckpt_path(self.stage_dir, alpha), fp)
+                res = select_one(cfg, alpha, x, q, seed, ckpt)
             summaries.append(self._write_selection(out, ids, q, res, alpha))
             main = main or res
         n_sel = write_selected_jsonl(EXAMPLES.path(self.run_dir), ids[main["ranking"]].tolist(),

@@ -25,7 +25,10 @@ Checkpoints (the on-disk format resume relies on): DeepSpeed's ``save_checkpoint
 under the tag ``state`` (every rank its partitions; LoRA: trainable parameters only),
 or ``ddp_state.pt`` (rank 0: trainable parameters, optimizer, scheduler); beside it
 the loop's common state (``save_loop_state``): ``trainer_state.json`` (step, run
-name) and ``rng/rank<r>.pt`` (each rank's torch RNG state).
+name) and ``rng/rank<r>.pt`` (each rank's torch RNG state). ``load`` trusts the
+directory it is given: the loop calls it only on a checkpoint whose signed records
+verify (``mixray.training.checkpoints``), because DeepSpeed's ``load_checkpoint``
+unpickles.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -136,11 +140,30 @@ def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _scheduler(config: dict[str, Any]):
-    """Cosine decay to 0 over ``total_steps`` after a linear warm-up of ``warmup_steps``."""
-    from transformers import get_cosine_schedule_with_warmup
+def lr_factor(i: int, warmup: int, total: int) -> float:
+    """The lr multiplier of optimizer step ``i + 1`` (``i`` = steps taken before it).
 
-    return lambda opt: get_cosine_schedule_with_warmup(opt, config["warmup_steps"], config["total_steps"])
+    Linear warm-up that reaches the peak at step ``warmup`` (``(i + 1) / warmup``: step 1
+    already trains, at ``lr / warmup``), then a cosine from the peak towards 0 over the
+    remaining ``total - warmup`` steps, ``0.5 · (1 + cos(π · (i − warmup) / (total − warmup)))``.
+    Without warm-up this is transformers' ``get_cosine_schedule_with_warmup(opt, 0, total)``.
+    """
+    if i < warmup:
+        return (i + 1) / warmup
+    progress = (i - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _scheduler(config: dict[str, Any]):
+    """A ``LambdaLR`` of :func:`lr_factor` over ``total_steps`` with ``warmup_steps`` of warm-up."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    warmup, total = config["warmup_steps"], config["total_steps"]
+
+    def factor(i: int) -> float:  # a function, not an object: LambdaLR's state_dict skips it
+        return lr_factor(i, warmup, total)
+
+    return lambda opt: LambdaLR(opt, factor)
 
 
 def make_engine(config: dict[str, Any], device):

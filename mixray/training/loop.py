@@ -3,12 +3,13 @@
 ``train_loop_per_worker(config)`` runs on every Ray Train worker::
 
     rows of my shard (get_dataset_shard)  ->  engine: model (+ LoRA), DeepSpeed ZeRO or DDP
-    resume from ray.train.get_checkpoint() if it belongs to this run
+    resume from the newest checkpoint of this run that every rank verifies
+        (mixray.training.checkpoints: signed sha256 records, checked before loading)
     for each optimizer step:  G micro-batches (the pure sampler decides which rows),
         the objective's loss (ntp | mdit | sftmix), token means over the whole window on
         all ranks, backward, step; log (rank 0: CSV + TensorBoard every step; Ray Train
         every ``report_every_s``); every ``checkpoint_every`` steps and at the end,
-        report with a checkpoint; at the steps of ``export_steps``, a Hugging Face export
+        report with a checkpoint (each rank signs what it saved); at the steps of ``export_steps``, a Hugging Face export
     export the model in Hugging Face format (rank 0 writes; ZeRO-3 gathers first)
 
 Ray owns the workers, restarts them after a failure (``FailureConfig``) and
@@ -45,7 +46,11 @@ LOOP_KEYS = (
 #   export_steps       optimizer steps after which to export the model (Hugging Face format)
 #   export_steps_dir   where: <export_steps_dir>/step-<n> (None: <export_dir>/../checkpoints)
 #   sftmix_normalizer  shared (both SFTMix terms over the NTP token count) | separate
-LOOP_DEFAULTS: dict[str, Any] = {"export_steps": [], "export_steps_dir": None, "sftmix_normalizer": "shared"}
+#   checkpoint_key     hex of the key checkpoints are signed with (None: the key file in the
+#                      mixray cache, mixray.io.checkpoints; ``fit`` passes the driver's)
+LOOP_DEFAULTS: dict[str, Any] = {
+    "export_steps": [], "export_steps_dir": None, "sftmix_normalizer": "shared", "checkpoint_key": None,
+}
 
 
 def check_loop_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -73,6 +78,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The per-worker training loop (see the module docstring)."""
     import ray.train
 
+    from mixray.training.checkpoints import resume_step
     from mixray.training.engines import make_engine, setup_worker, worker_device
     from mixray.training.export import export
     from mixray.training.metrics import MetricsLog
@@ -86,11 +92,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shard = read_shard(ray.train.get_dataset_shard(f"{config['dataset_prefix']}{rank}"), objective.columns)
     device = worker_device()
     engine = make_engine(config, device)
-    step = start = _resume(engine, config, rank)
+    key = _checkpoint_key(config)
+    step = start = resume_step(engine, config, rank, world, key, device)
     logger = MetricsLog(Path(config["log_dir"]), start, objective.components) if rank == 0 else None
     if rank == 0:
-        log.info("train: rank 0 of %d, %d examples in my shard, %s, resuming at step %d of %d",
-                 world, len(shard["group"]), config["loss"], start, config["total_steps"])
+        log.info("train: rank 0 of %d, %d examples in my shard, %s, %s at step %d of %d", world,
+                 len(shard["group"]), config["loss"], "resuming" if start else "starting", start,
+                 config["total_steps"])
     clock = _ReportClock(config["report_every_s"])
     for step, epoch, window in _windows(config, shard, rank, start, objective.paired):
         t0 = time.perf_counter()
@@ -104,7 +112,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             logger.write(metrics)
         if config["fault_step"] == step and rank == config["fault_rank"]:
             _inject_fault(Path(config["log_dir"]), step)
-        _checkpoint_and_report(engine, config, rank, step, metrics, clock, asked=bool(sums[-1] > 0))
+        _checkpoint_and_report(engine, config, (rank, world, key), step, metrics, clock,
+                               asked=bool(sums[-1] > 0))
         if step in config["export_steps"]:
             export(engine, step_export_dir(config, step), rank)
     export(engine, config["export_dir"], rank, merged_dir=config["merged_dir"])
@@ -197,17 +206,22 @@ class _ReportClock:
         self.last = time.monotonic()
 
 
-def _checkpoint_and_report(engine, config: dict[str, Any], rank: int, step: int, metrics: dict[str, Any],
-                           clock: _ReportClock, asked: bool) -> None:
-    """Every ``checkpoint_every`` steps and at the last: save and report with the checkpoint;
-    otherwise report the metrics alone when the clock ``asked`` for it."""
+def _checkpoint_and_report(engine, config: dict[str, Any], who: tuple[int, int, bytes], step: int,
+                           metrics: dict[str, Any], clock: _ReportClock, asked: bool) -> None:
+    """Every ``checkpoint_every`` steps and at the last: save, sign what this rank saved
+    (``who`` = rank, world size, key) and report with the checkpoint; otherwise report
+    the metrics alone when the clock ``asked`` for it."""
     import ray.train
 
+    from mixray.training.checkpoints import record_checkpoint
+
+    rank, world, key = who
     every, total = config["checkpoint_every"], config["total_steps"]
     save = step == total or (every > 0 and step % every == 0)
     if save:
         with tempfile.TemporaryDirectory(prefix="mixray-ckpt-") as d:
             engine.save(Path(d), rank, step, config["run_name"])
+            record_checkpoint(Path(d), rank, world, step, config["run_name"], key)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
     elif asked:
         ray.train.report(metrics)
@@ -215,23 +229,10 @@ def _checkpoint_and_report(engine, config: dict[str, Any], rank: int, step: int,
         clock.reset()
 
 
-def _resume(engine, config: dict[str, Any], rank: int) -> int:
-    """The step to start from: the latest Ray Train checkpoint's, if it belongs to this run, else 0."""
-    import ray.train
+def _checkpoint_key(config: dict[str, Any]) -> bytes:
+    from mixray.io.checkpoints import checkpoint_key
 
-    from mixray.training.engines import checkpoint_run_name
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return 0
-    with ckpt.as_directory() as d:
-        owner = checkpoint_run_name(Path(d))
-        if owner == config["run_name"]:
-            return engine.load(Path(d), rank)
-    if rank == 0:
-        log.warning("train: the latest checkpoint belongs to run %r, not %r: starting at step 0",
-                    owner, config["run_name"])
-    return 0
+    return bytes.fromhex(config["checkpoint_key"]) if config["checkpoint_key"] else checkpoint_key()
 
 
 def read_shard(it, columns: tuple[str, ...]) -> dict[str, Any]:
@@ -280,15 +281,23 @@ def fit(
 ):
     """Run ``train_loop_per_worker`` on a ``TorchTrainer``; returns the Ray Train ``Result``.
 
-    A run with the same ``name`` under ``storage_path`` resumes from its latest
-    checkpoint (Ray restores the run's checkpoint state), as does a worker group
-    restarted after a failure. ``datasets``: one Ray Dataset per rank
+    A run with the same ``name`` under ``storage_path`` resumes from its newest
+    checkpoint that verifies (``mixray.training.checkpoints``), as does a worker group
+    restarted after a failure; a Ray checkpoint list that would stop Ray from
+    starting (cut short by a kill, naming a removed checkpoint) is dropped first. ``datasets``: one Ray Dataset per rank
     (``<dataset_prefix><rank>``), given whole to every worker (the loop reads
     only its own): the shard assignment is the pure sampler's, not Ray's.
     """
     loop_config = check_loop_config(loop_config)
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from mixray.io.checkpoints import checkpoint_key
+    from mixray.training.checkpoints import repair_snapshot
+
+    if not loop_config.get("checkpoint_key"):  # the driver's key: workers on other nodes sign with it too
+        loop_config = loop_config | {"checkpoint_key": checkpoint_key().hex()}
+    repair_snapshot(storage_path, name)
 
     trainer = TorchTrainer(
         train_loop_per_worker,

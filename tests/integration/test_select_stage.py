@@ -150,64 +150,158 @@ class _Killed(Exception):
     pass
 
 
-def test_stage_resumes_after_a_kill(run_dir, tmp_path_factory, monkeypatch, caplog):
-    cfg = SelectConfig(k=40, alpha=0.5, checkpoint_every=8, memory_budget_mb=1)
+KILL_CFG = SelectConfig(k=40, alpha=0.5, checkpoint_every=8, memory_budget_mb=1)
+
+
+@pytest.fixture(scope="module")
+def clean_selection(tmp_path_factory) -> pa.Table:
+    """The uninterrupted selection of KILL_CFG."""
     clean = tmp_path_factory.mktemp("clean")
     make_run_dir(clean)
-    run_stages_select(cfg, clean)
+    run_stages_select(KILL_CFG, clean)
+    return pq.read_table(clean / "select" / "selection.parquet")
 
-    real_save = sel_stage.save_checkpoint
-    saves = []
 
-    def save_then_die(path, state, fp):
-        real_save(path, state, fp)
+def _kill_after(monkeypatch, step: int, cfg: SelectConfig, run_dir: Path, force: bool = False) -> list[int]:
+    """Run select until the checkpoint of ``step`` is written, then die (an exception, as a kill)."""
+    real_save, saves = sel_stage.save_checkpoint, []
+
+    def save_then_die(ckdir, alpha, state, fp, key):
+        real_save(ckdir, alpha, state, fp, key)
         saves.append(state.step)
-        if state.step == 24:
+        if state.step == step:
             raise _Killed  # the process dies right after a checkpoint
 
-    monkeypatch.setattr(sel_stage, "save_checkpoint", save_then_die)
-    with pytest.raises(_Killed):
-        run_stages_select(cfg, run_dir)
-    assert saves == [8, 16, 24]
+    with monkeypatch.context() as m:
+        m.setattr(sel_stage, "save_checkpoint", save_then_die)
+        with pytest.raises(_Killed):
+            run_stages_select(cfg, run_dir, force=force)
+    return saves
+
+
+def test_stage_resumes_after_a_kill(run_dir, clean_selection, monkeypatch, caplog):
+    assert _kill_after(monkeypatch, 24, KILL_CFG, run_dir) == [8, 16, 24]
     assert read_manifest(run_dir / "select") is None
-    assert (run_dir / "select" / "checkpoints" / "alpha0.5.npz").is_file()
-    monkeypatch.setattr(sel_stage, "save_checkpoint", real_save)
+    ckdir = run_dir / "select" / "checkpoints"
+    # the newest two checkpoints are kept, both in the signed record
+    assert sorted(p.name for p in ckdir.iterdir()) == [
+        "alpha0.5-step16.npz", "alpha0.5-step24.npz", "record.json"]
+    assert set(json.loads((ckdir / "record.json").read_text())["files"]) == {
+        "alpha0.5-step16.npz", "alpha0.5-step24.npz"}
     with caplog.at_level("INFO", logger="mixray.select"):
-        run_stages_select(cfg, run_dir)
+        run_stages_select(KILL_CFG, run_dir)
     assert "resuming from checkpoint at step 24 of 40" in caplog.text
-    assert pq.read_table(run_dir / "select" / "selection.parquet").equals(
-        pq.read_table(clean / "select" / "selection.parquet"))
+    assert pq.read_table(run_dir / "select" / "selection.parquet").equals(clean_selection)
+    assert not ckdir.exists()
     # a checkpoint from another config is ignored, not resumed
-    monkeypatch.setattr(sel_stage, "save_checkpoint", save_then_die)
-    saves.clear()
-    with pytest.raises(_Killed):
-        run_stages_select(cfg, run_dir, force=True)
-    monkeypatch.setattr(sel_stage, "save_checkpoint", real_save)
+    _kill_after(monkeypatch, 24, KILL_CFG, run_dir, force=True)
     caplog.clear()
     with caplog.at_level("INFO", logger="mixray.select"):
-        run_stages_select(SelectConfig.model_validate(cfg.model_dump() | {"k": 41}), run_dir)
+        run_stages_select(SelectConfig.model_validate(KILL_CFG.model_dump() | {"k": 41}), run_dir)
     assert "ignoring" in caplog.text and "resuming" not in caplog.text
+    assert "WARNING" not in caplog.text  # another config's checkpoints are not a fault
+
+
+def _zero_length(ckdir: Path) -> None:
+    (ckdir / "alpha0.5-step24.npz").write_bytes(b"")
+
+
+def _truncated(ckdir: Path) -> None:
+    p = ckdir / "alpha0.5-step24.npz"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def _flipped_byte(ckdir: Path) -> None:
+    p = ckdir / "alpha0.5-step24.npz"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside an array: np.load would read it without complaint
+    p.write_bytes(bytes(data))
+
+
+def _missing(ckdir: Path) -> None:
+    (ckdir / "alpha0.5-step24.npz").unlink()
+
+
+def _edited_record(ckdir: Path) -> None:
+    """Someone points the record at a file of theirs: the MAC no longer verifies."""
+    rec = json.loads((ckdir / "record.json").read_text())
+    data = (ckdir / "alpha0.5-step24.npz").read_bytes()
+    (ckdir / "alpha0.5-step32.npz").write_bytes(data)
+    rec["files"]["alpha0.5-step32.npz"] = rec["files"]["alpha0.5-step24.npz"]
+    rec["meta"]["alpha0.5-step32.npz"] = rec["meta"]["alpha0.5-step24.npz"] | {"step": 32}
+    (ckdir / "record.json").write_text(json.dumps(rec))
+
+
+def _foreign_record(ckdir: Path) -> None:
+    """Checkpoints and a record made by another mixray key (another user or machine)."""
+    from mixray.io.checkpoints import make_record
+
+    rec = json.loads((ckdir / "record.json").read_text())
+    other = make_record(rec["files"], rec["meta"], b"k" * 32)
+    (ckdir / "record.json").write_text(json.dumps(other))
+
+
+def _zero_length_record(ckdir: Path) -> None:
+    (ckdir / "record.json").write_bytes(b"")
+
+
+def _planted_newer_file(ckdir: Path) -> None:
+    """A newer-looking checkpoint that the record does not list is never opened."""
+    (ckdir / "alpha0.5-step32.npz").write_bytes(b"not what the run wrote")
+
+
+@pytest.mark.parametrize("spoil, resumed_at, reason", [
+    (_zero_length, 16, "alpha0.5-step24.npz: zero-length"),
+    (_truncated, 16, "alpha0.5-step24.npz: its sha256 differs"),
+    (_flipped_byte, 16, "alpha0.5-step24.npz: its sha256 differs"),
+    (_missing, 16, "alpha0.5-step24.npz: missing"),
+    (_planted_newer_file, 24, None),
+    (_edited_record, None, "its signature does not verify"),
+    (_foreign_record, None, "its signature does not verify"),
+    (_zero_length_record, None, "unreadable checkpoint record"),
+])
+def test_a_spoilt_checkpoint_is_reported_and_the_last_good_one_used(
+        run_dir, clean_selection, monkeypatch, caplog, spoil, resumed_at, reason):
+    """Issue 11: a zero-length or truncated checkpoint gave an EOFError/BadZipFile traceback and
+    the stage was stuck until --force. Now: one line, then the previous checkpoint or a fresh start."""
+    _kill_after(monkeypatch, 24, KILL_CFG, run_dir)
+    spoil(run_dir / "select" / "checkpoints")
+    with caplog.at_level("INFO", logger="mixray.select"):
+        run_stages_select(KILL_CFG, run_dir)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if reason is None:
+        assert warnings == []
+    else:
+        assert len(warnings) >= 1 and reason in warnings[0] and "\n" not in warnings[0]
+    if resumed_at is None:
+        assert "resuming" not in caplog.text and "starting over" in warnings[-1]
+    else:
+        assert f"resuming from checkpoint at step {resumed_at} of 40" in caplog.text
+    assert pq.read_table(run_dir / "select" / "selection.parquet").equals(clean_selection)
 
 
 def test_checkpoint_round_trip_and_the_previous_format(tmp_path):
     """A checkpoint holds selected, gains, scores and the bit-exact running max; one written
     before the facility refactor (with its constant ``scale_exp`` field) still resumes."""
     from mixray.algorithms.facility import GreedyState
+    from mixray.io.checkpoints import checkpoint_key
 
     z = np.load(DATA)
     x = z["embeddings"].astype(np.float32)[:120]
     states = []
     QDITSelector(12, 0.0, checkpoint_every=6, callback=states.append).fit(x)
-    path = tmp_path / "alpha0.0.npz"
-    sel_stage.save_checkpoint(path, states[0], "fp")
-    back = sel_stage.load_checkpoint(path, "fp")
+    key = checkpoint_key(tmp_path / "key")
+    sel_stage.save_checkpoint(tmp_path / "ck", 0.0, states[0], "fp", key)
+    back = sel_stage.load_checkpoint(tmp_path / "ck", 0.0, "fp", key)
     assert isinstance(back, GreedyState) and back.step == 6
     np.testing.assert_array_equal(back.cur, states[0].cur)
-    assert sel_stage.load_checkpoint(path, "other") is None
+    assert sel_stage.load_checkpoint(tmp_path / "ck", 0.0, "other", key) is None
+    assert sel_stage.load_checkpoint(tmp_path / "ck", 0.5, "fp", key) is None  # another alpha
+    assert sel_stage.load_checkpoint(tmp_path / "ck", 0.0, "fp", b"x" * 32) is None  # another key
     old = tmp_path / "old.npz"
     np.savez(old, selected=back.selected, gains=back.gains, scores=back.scores, cur=back.cur,
              scale_exp=np.int64(22), fingerprint=np.bytes_(b"fp"))
-    resumed = QDITSelector(12, 0.0).fit(x, initial_state=sel_stage.load_checkpoint(old, "fp"))
+    resumed = QDITSelector(12, 0.0).fit(x, initial_state=sel_stage.read_state(old, "fp"))
     np.testing.assert_array_equal(resumed.ranking_, QDITSelector(12, 0.0).fit(x).ranking_)
 
 

@@ -20,7 +20,7 @@ from stage_runs import run_config
 
 from mixray.cli import main
 from mixray.contracts import EXAMPLES, Artifact
-from mixray.errors import InputError, RunDirLockedError
+from mixray.errors import InputError, ResourceError, RunDirLockedError
 from mixray.io.lock import LOCK_NAME, run_dir_lock
 from mixray.io.rundir import read_manifest, stage_run, write_table
 from mixray.stages.runner import Stage, execute
@@ -227,3 +227,73 @@ def test_relative_run_dir_is_refused_under_a_ray_job(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err
     assert "is relative, but under `ray job submit`" in err and "(run_dir)" in err
     assert main(["run", str(cfg)]) == 0  # absolute: fine
+
+
+# -- a Ray out-of-memory kill, however Ray wraps it, is one line naming the stage's knobs -------------
+
+
+def _oom() -> BaseException:
+    from ray.exceptions import OutOfMemoryError
+
+    return OutOfMemoryError("Task was killed due to the node running low on memory.\nMemory on the "
+                            "node (IP: 10.0.0.1) was 22.45GB used / 23.54GB limit (0.953497)")
+
+
+def _ray_data_chain() -> BaseException:
+    """What Ray Data raises when a map worker was OOM-killed: a RayTaskError with the OOM as cause."""
+    from ray.exceptions import RayTaskError
+
+    err = RayTaskError("MapBatches(IFDScorer)", "traceback", _oom())
+    try:
+        raise RuntimeError("Ray Data pipeline failed") from err.as_instanceof_cause()
+    except RuntimeError as e:
+        return e
+
+
+def _ray_train_controller() -> BaseException:
+    """Ray Train's fit(): a ControllerError around the OOM, pickled back to the driver (no __cause__)."""
+    import pickle
+
+    from ray.train import ControllerError
+
+    return pickle.loads(pickle.dumps(ControllerError(_oom())))
+
+
+def _ray_train_workers() -> BaseException:
+    import pickle
+
+    from ray.train import WorkerGroupError
+
+    return pickle.loads(pickle.dumps(WorkerGroupError("rank 1 died", {0: ValueError("x"), 1: _oom()})))
+
+
+class Hungry(Toy):
+    memory_knobs = ("concurrency", "batch_size")
+    error = None
+
+    def run(self, out) -> None:
+        raise type(self).error
+
+
+@pytest.mark.parametrize("make", [_oom, _ray_data_chain, _ray_train_controller, _ray_train_workers],
+                         ids=["bare", "ray-data", "ray-train-controller", "ray-train-workers"])
+def test_an_out_of_memory_kill_is_one_line_naming_the_knobs(tmp_path, make):
+    """Issue 11: Ray's OutOfMemoryError reached the user as a raw traceback (training: a
+    ControllerError/WorkerGroupError whose OOM the runner did not look into)."""
+    _upstream(tmp_path)
+    Hungry.error = make()
+    with pytest.raises(ResourceError) as e:
+        execute(Hungry(run_config(), tmp_path))
+    assert str(e.value) == ("toy: Ray killed a worker that ran out of memory; lower toy.concurrency, "
+                            "toy.batch_size, or give the node more memory (toy)")
+    assert e.value.__cause__ is None and "\n" not in str(e.value)
+    assert read_manifest(tmp_path / "toy") is None
+
+
+def test_other_failures_of_ray_pass_through_unchanged(tmp_path):
+    from ray.train import WorkerGroupError
+
+    _upstream(tmp_path)
+    Hungry.error = WorkerGroupError("rank 0 failed", {0: ZeroDivisionError("boom")})
+    with pytest.raises(WorkerGroupError):
+        execute(Hungry(run_config(), tmp_path))

@@ -217,3 +217,40 @@ def test_export_hf_writes_a_loadable_directory_in_place_of_the_old(tiny_lm_dir, 
     back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     torch.testing.assert_close(back.lm_head.weight, model.lm_head.weight, rtol=0, atol=0)
     assert len(AutoTokenizer.from_pretrained(out)) == len(AutoTokenizer.from_pretrained(tiny_lm_dir))
+
+
+def _lrs(warmup: int, total: int) -> list[float]:
+    """The lr each optimizer step 1..total trains at, under the engines' schedule."""
+    from mixray.training.engines import _scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = _scheduler({"warmup_steps": warmup, "total_steps": total})(opt)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_no_optimizer_step_runs_at_lr_zero():
+    """Issue 11: with a warm-up, step 1 ran at lr = 0 (a step that changes nothing)."""
+    lrs = _lrs(warmup=4, total=12)
+    assert min(lrs) > 0
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # linear warm-up, peak at step W
+    assert lrs[4] == 1.0 and all(a > b for a, b in zip(lrs[4:], lrs[5:], strict=False))  # cosine
+    assert lrs[-1] == pytest.approx(0.5 * (1 + np.cos(np.pi * 7 / 8)))
+
+
+def test_without_warm_up_the_schedule_is_the_plain_cosine():
+    """What the pinned first losses of tests/integration/test_train.py were trained with."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    hf = get_cosine_schedule_with_warmup(opt, 0, 10)
+    want = []
+    for _ in range(10):
+        want.append(opt.param_groups[0]["lr"])
+        opt.step()
+        hf.step()
+    assert _lrs(warmup=0, total=10) == pytest.approx(want, rel=1e-12)
