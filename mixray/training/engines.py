@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -136,11 +137,29 @@ def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _scheduler(config: dict[str, Any]):
-    """Cosine decay to 0 over ``total_steps`` after a linear warm-up of ``warmup_steps``."""
-    from transformers import get_cosine_schedule_with_warmup
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The learning-rate multiplier of optimizer step ``step`` (0-based): linear warm-up, then cosine.
 
-    return lambda opt: get_cosine_schedule_with_warmup(opt, config["warmup_steps"], config["total_steps"])
+    ``(step + 1) / (warmup_steps + 1)`` for ``step < warmup_steps``, then
+    ``0.5 · (1 + cos(π · (step − warmup_steps) / (total_steps − warmup_steps)))``. No step
+    runs at lr = 0: the warm-up starts at ``lr / (warmup_steps + 1)`` (Hugging Face's
+    ``get_cosine_schedule_with_warmup`` starts at 0, a wasted first step) and the cosine
+    reaches 0 only after the last step.
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _scheduler(config: dict[str, Any]):
+    """``LambdaLR`` of :func:`lr_factor` over ``total_steps`` after ``warmup_steps`` of warm-up."""
+    from functools import partial
+
+    from torch.optim.lr_scheduler import LambdaLR
+
+    factor = partial(lr_factor, warmup_steps=config["warmup_steps"], total_steps=config["total_steps"])
+    return lambda opt: LambdaLR(opt, factor)
 
 
 def make_engine(config: dict[str, Any], device):

@@ -4,6 +4,7 @@ metrics log, the loop's checkpoint state, the Hugging Face export."""
 from __future__ import annotations
 
 import csv
+import math
 
 import numpy as np
 import pytest
@@ -209,3 +210,23 @@ def test_export_hf_writes_a_loadable_directory_in_place_of_the_old(tiny_lm_dir, 
     back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     torch.testing.assert_close(back.lm_head.weight, model.lm_head.weight, rtol=0, atol=0)
     assert len(AutoTokenizer.from_pretrained(out)) == len(AutoTokenizer.from_pretrained(tiny_lm_dir))
+
+
+def test_no_optimizer_step_runs_at_lr_zero():
+    """Warm-up starts at lr/(w+1), not 0; the cosine is above 0 at the last step; w=0 is HF's cosine."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    from mixray.training.engines import lr_factor
+
+    f = [lr_factor(s, 3, 10) for s in range(10)]
+    assert f[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0]) and min(f) > 0
+    assert f[9] == pytest.approx(0.5 * (1 + math.cos(math.pi * 6 / 7)))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    hf = get_cosine_schedule_with_warmup(opt, 0, 10)
+    ours = [lr_factor(s, 0, 10) for s in range(10)]
+    theirs = []
+    for _ in range(10):
+        theirs.append(hf.get_last_lr()[0])
+        opt.step()
+        hf.step()
+    assert ours == pytest.approx(theirs)  # warmup 0: the pinned training curves do not move
