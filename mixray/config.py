@@ -150,9 +150,19 @@ class SourceConfig(_Strict):
         return self.task or self.name
 
 
+class HeldoutConfig(_Strict):
+    """The evaluation split of the pool: examples chosen by a hash of their id (stable, order-free)."""
+
+    fraction: float = Field(default=0.0, ge=0, lt=1, description="share of the examples held out for "
+                            "evaluation (ingest/heldout.parquet); 0 = no split")
+    exclude: bool = Field(default=True, description="keep them out of examples.parquet, so no stage "
+                          "selects or trains on them; false: they stay in the pool too")
+
+
 class IngestConfig(_Strict):
     sources: list[SourceConfig] = Field(min_length=1)
     drop_duplicates: bool = False
+    heldout: HeldoutConfig = HeldoutConfig()
 
     @field_validator("sources")
     @classmethod

@@ -61,6 +61,19 @@ REJECTS = Artifact("ingest", "rejects.parquet", REJECT_SCHEMA,
 DUPLICATE_SCHEMA = pa.schema([("id", pa.string()), ("duplicate_of", pa.string())])
 DUPLICATES = Artifact("ingest", "duplicates.parquet", DUPLICATE_SCHEMA,
                       "exact duplicates: id, duplicate_of")
+HELDOUT = Artifact("ingest", "heldout.parquet", EXAMPLE_SCHEMA,
+                   "the evaluation split (ingest.heldout): examples chosen by a hash of their id")
+
+
+def in_eval_split(example_id: str, fraction: float) -> bool:
+    """Whether an example belongs to the evaluation split: ``u(id) < fraction`` with
+    ``u(id) = first 8 bytes of sha256(id) / 2^64``, uniform in [0, 1).
+
+    The same id is always on the same side, whatever the order or size of the pool, so
+    adding data never moves an example between training and evaluation.
+    """
+    digest = hashlib.sha256(example_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
 
 # ----------------------------------------------------------------------------- embed, score
 
