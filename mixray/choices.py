@@ -41,5 +41,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRAIN_PRESETS = ("none", "sftmix", "mdit")
 ZERO_STAGES = (0, 1, 2, 3)
 
+# evaluate (mixray.io.benchmarks.READERS; mixray.stages.evaluate)
+BENCHMARK_KINDS = ("gsm8k", "multiple-choice")
+CONTAMINATION_ACTIONS = ("exclude", "fail")
+
 # the stages of a run, in run order (registry: mixray.stages.STAGES)
-STAGES = ("ingest", "embed", "score", "select", "mix", "cluster", "train")
+STAGES = ("ingest", "embed", "score", "select", "mix", "cluster", "train", "evaluate")

@@ -149,3 +149,24 @@ TRAIN_ROWS = Artifact("train", "rows.parquet", None,
 
 CONFIDENCE = Artifact("dynamics", "confidence.parquet", None,
                       "the SFTMix split: id + split ('confident'/'unconfident') or id + confidence")
+
+# ----------------------------------------------------------------------------- evaluate
+
+RESULT_SCHEMA = pa.schema([
+    ("model", pa.string()), ("benchmark", pa.string()), ("metric", pa.string()), ("id", pa.string()),
+    ("prediction", pa.string()), ("reference", pa.string()), ("score", pa.float64()),
+    ("nll", pa.float64()), ("tokens", pa.int64()),
+])
+EVAL_RESULTS = Artifact("evaluate", "results.parquet", RESULT_SCHEMA,
+                        "one row per model, benchmark, metric and item: prediction, reference, score "
+                        "(+ summed response NLL and tokens for the held-out loss)")
+EVAL_SUMMARY = Artifact("evaluate", "summary.json", None,
+                        "per benchmark and metric: n, the value per model, delta trained - base; "
+                        "the contamination check's counts")
+CONTAMINATION_SCHEMA = pa.schema([
+    ("benchmark", pa.string()), ("id", pa.string()), ("match", pa.string()), ("pool_id", pa.string()),
+    ("cosine", pa.float64()), ("text", pa.string()),
+])
+CONTAMINATION = Artifact("evaluate", "contamination.parquet", CONTAMINATION_SCHEMA,
+                         "evaluation items found in the training pool: match exact | near, the pool "
+                         "example, cosine")

@@ -76,3 +76,16 @@ def read_examples(path: str, columns: list[str], rows_per_block: int, rows=None)
     if not refs:
         raise InputError(f"{path} has no rows")
     return ray.data.from_arrow_refs(refs)
+
+
+def from_table(table: pa.Table, rows_per_block: int):
+    """A Ray Data dataset of ``table``'s rows in order, put into the object store from the driver in
+    ``rows_per_block``-row blocks (see :func:`read_examples` for why not a read task)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    if table.num_rows == 0:
+        raise InputError("nothing to process: the table has no rows")
+    refs = [ray.put(table.slice(s, rows_per_block)) for s in range(0, table.num_rows, rows_per_block)]
+    return ray.data.from_arrow_refs(refs)

@@ -11,8 +11,10 @@ runs it in an actor pool). Each batch row is one *request*, like lm-evaluation-h
                                                                 as training does: ``encode_example``)
 ``option``     ``context``, ``continuation`` (raw text)         ``logprob`` = Σ log p(continuation |
                                                                 BOS + context), ``tokens``, ``greedy``
-``generate``   ``context`` (the prompt), ``stop`` (stop         ``text``: the greedy completion, cut at
-               strings joined by ``STOP_SEP``)                  the first stop string
+``generate``   ``context`` (the prompt, raw text), ``stop``     ``text``: the greedy completion, cut at
+               (stop strings joined by ``STOP_SEP``)            the first stop string
+``chat``       ``context`` = instruction, ``input``, ``stop``   ``text``: the greedy answer to the
+                                                                prompt training uses (``prompt_text``)
 =============  ===============================================  ======================================
 
 The model is any Hugging Face causal LM directory, or a LoRA adapter directory
@@ -29,9 +31,10 @@ from mixray.algorithms.evaluation import cut_at_stops, target_logprobs
 from mixray.models.callables import _device, _load_tokenizer
 from mixray.models.registry import resolve_model
 from mixray.models.sft import encode_example
+from mixray.models.text import prompt_text
 
 STOP_SEP = "\x1f"
-REQUEST_KINDS = ("response", "option", "generate")
+REQUEST_KINDS = ("response", "option", "generate", "chat")
 REQUEST_COLUMNS = ("rid", "kind", "context", "input", "continuation", "stop")
 
 
@@ -77,17 +80,24 @@ class LMEvaluator:
             out[0][idx], out[1][idx], out[2][idx] = lp.cpu().numpy(), cnt.cpu().numpy(), greedy.cpu().numpy()
         return out
 
+    def prompt_ids(self, kind: str, context: str, input_: str) -> list[int]:
+        """Token ids of a generation prompt: BOS + raw text, or (``chat``) the training prompt."""
+        if kind == "chat":
+            special = not getattr(self.tok, "chat_template", None)
+            return self.tok(prompt_text(self.tok, context, input_), add_special_tokens=special)["input_ids"]
+        return self.prefix + self.tok(context, add_special_tokens=False)["input_ids"]
+
     @torch.no_grad()
-    def generate(self, prompts: list[str], stops: list[list[str]]) -> list[str]:
-        """Greedy completions (at most ``max_new_tokens``), each cut at its first stop string."""
+    def generate(self, prompts: list[list[int]], stops: list[list[str]]) -> list[str]:
+        """Greedy completions of token-id prompts (at most ``max_new_tokens``; a prompt keeps its
+        last ``max_length − max_new_tokens`` tokens), each cut at its first stop string."""
         self.tok.padding_side = "left"
         texts = [""] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         budget = max(1, self.max_length - self.max_new)
         for s in range(0, len(order), self.micro):
             idx = order[s : s + self.micro]
-            ids = [self.prefix + self.tok(prompts[i], add_special_tokens=False)["input_ids"][-budget:]
-                   for i in idx]
+            ids = [prompts[i][-budget:] for i in idx]
             enc = self.tok.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
             group_stops = sorted({x for i in idx for x in stops[i] if x})
             gen = self.model.generate(**enc, max_new_tokens=self.max_new, do_sample=False,
@@ -108,9 +118,10 @@ class LMEvaluator:
             seqs = [self.encode(kinds[i], str(batch["context"][i]), str(batch["input"][i]),
                                 str(batch["continuation"][i])) for i in ll]
             logprob[ll], tokens[ll], greedy[ll] = self.logliks(seqs)
-        gen = [i for i, k in enumerate(kinds) if k == "generate"]
+        gen = [i for i, k in enumerate(kinds) if k in ("generate", "chat")]
         if gen:
-            text[gen] = self.generate([str(batch["context"][i]) for i in gen],
-                                      [str(batch["stop"][i]).split(STOP_SEP) for i in gen])
+            prompts = [self.prompt_ids(kinds[i], str(batch["context"][i]), str(batch["input"][i]))
+                       for i in gen]
+            text[gen] = self.generate(prompts, [str(batch["stop"][i]).split(STOP_SEP) for i in gen])
         return {"rid": batch["rid"], "logprob": logprob, "tokens": tokens, "greedy": greedy,
                 "text": text}

@@ -22,6 +22,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "mix": ("mixray.stages.mix:Mix", "MDIT: plan cross-task mixes (pairs of similar length, λ) -> mix_plan.parquet"),
     "cluster": ("mixray.stages.cluster:Cluster", "MDIT: KMeans on originals + mixes over Ray actors, keep the nearest -> selection.parquet"),
     "train": ("mixray.stages.train:Train", "fine-tune on Ray Train + DeepSpeed (loss ntp | mdit | sftmix)"),
+    "evaluate": ("mixray.stages.evaluate:Evaluate", "base vs trained model: held-out loss, GSM8K, multiple choice (Ray Data), after a contamination check"),
 }
 
 
