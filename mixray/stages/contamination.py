@@ -89,9 +89,12 @@ def check_items(items: dict[str, list[dict[str, Any]]], cfg: EvaluateConfig, run
         exact.setdefault(normalize_text(text), pid)
     flat = [(name, it) for name, its in items.items() for it in its]
     pool = _embed_stage_vectors(run_dir, cfg, ids)
-    if pool is None:
-        pool = embed_texts(texts, cfg)
-    queries = embed_texts([it["text"] for _, it in flat], cfg)
+    asked = [it["text"] for _, it in flat]
+    if pool is None:  # one pass over the actor pool for both
+        both = embed_texts(texts + asked, cfg)
+        pool, queries = both[: len(texts)], both[len(texts):]
+    else:
+        queries = embed_texts(asked, cfg)
     best, at = max_cosine(queries, pool) if len(flat) and len(ids) else (np.zeros(0), np.zeros(0, int))
     rows = []
     for k, (name, it) in enumerate(flat):
