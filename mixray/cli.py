@@ -6,6 +6,7 @@
     mixray score    CONFIG [overrides] [--force]    examples -> quality.parquet (Ray Data)
     mixray train    CONFIG [overrides] [--force]    selection -> fine-tuned model (Ray Train + DeepSpeed)
     mixray run      CONFIG [overrides] [--force]    every stage listed in ``stages``, in order
+    mixray report   RUN_DIR [RUN_DIR ...] [--out D] one HTML page (+ Markdown) over runs, and the eval table
 
 Heavy libraries (ray, torch, transformers) are imported inside the subcommands,
 so ``mixray --help`` is instant.
@@ -42,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
         if name != "validate":
             sp.add_argument("--force", action="store_true", help="recompute even if unchanged")
+    text = "one self-contained HTML report (and a Markdown twin) over one run or several compared"
+    rp = sub.add_parser("report", help=text, description=text)
+    rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    rp.add_argument("--out", metavar="DIR", help="output directory (default: RUN_DIR/report, or "
+                    "report-<a>-vs-<b> beside the first run when comparing)")
     return p
 
 
@@ -75,9 +81,23 @@ def _user_error(e: BaseException) -> MixrayError | None:
     return None
 
 
+def _report(args) -> int:
+    from mixray.report import write_report
+
+    html_path, md_path, table = write_report(args.run_dirs, args.out)
+    if table:
+        print(table)
+    else:
+        print("(no run has an evaluate stage yet: no evaluation table)")
+    print(f"report: {html_path}\nmarkdown: {md_path}")
+    return 0
+
+
 def _command(args) -> int:
     from mixray.config import dump_config, load_config
 
+    if args.command == "report":
+        return _report(args)
     cfg = load_config(args.config, args.overrides)
     if args.command == "validate":
         problems = _validate(cfg)
