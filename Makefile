@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml requirements/constraints-cpu.txt requirements/offline-m
 	touch $@
 
 demo: setup
-	$(BIN)/mixray run configs/demo.yaml
+	MIXRAY=$(BIN)/mixray bash scripts/demo.sh
 
 # Tests marked `browser` open the report in headless Chromium (Debian package `chromium`):
 # selected wherever /usr/bin/chromium exists (.ci/run installs it), deselected otherwise.

@@ -61,6 +61,11 @@ def _validate(cfg) -> list[str]:
     checks.append(("score.model", cfg.score.model, "score" in cfg.stages and cfg.score.backend != "column"))
     checks.append(("mix.model", cfg.mix.model, "mix" in cfg.stages))
     checks.append(("train.model", cfg.train.model, "train" in cfg.stages))
+    ev = "evaluate" in cfg.stages
+    checks.append(("evaluate.model", cfg.evaluate.model or cfg.train.model, ev))
+    checks.append(("evaluate.judge.model", cfg.evaluate.judge.model, ev and cfg.evaluate.judge.model))
+    checks.append(("evaluate.contamination.model", cfg.evaluate.contamination.model,
+                   ev and cfg.evaluate.contamination.enabled))
     for setting, name, used in checks:
         if used:
             try:
