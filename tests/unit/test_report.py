@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 from report_runs import fake_run
 
@@ -81,3 +82,23 @@ def test_the_browser_check_sees_console_errors_and_broken_images(tmp_path):
     assert page.broken == ["gone", "garbled"]
     joined = " ".join(page.errors)
     assert "boom" in joined and "undefinedName" in joined
+
+
+def test_sweep_plot_stars_the_trained_alpha_and_names_the_quality_backend(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from mixray.stages.select import write_sweep
+
+    seen = {}
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel",
+                        lambda self, text, **kw: seen.setdefault("ylabel", text))
+    rows = [{"alpha": a, "objective": 0.5, "diversity": d, "quality_mean": q, "time_s": 0.1}
+            for a, d, q in ((0.7, 0.4, 0.8), (0.0, 0.6, 0.3), (1.0, 0.2, 0.9))]
+    rows.append({"alpha": None, "objective": float("nan"), "diversity": 0.5, "quality_mean": 0.4, "time_s": 0.0})
+    write_sweep(rows, tmp_path / "s.csv", tmp_path / "s.png", 4, trained_alpha=0.7, backend="ifd")
+    assert "IFD (a model-based proxy)" in seen["ylabel"]
+    from PIL import Image
+
+    img = np.asarray(Image.open(tmp_path / "s.png").convert("RGB")).astype(int)
+    orange = (abs(img[..., 0] - 0xFF) < 30) & (abs(img[..., 1] - 0x7F) < 40) & (img[..., 2] < 60)
+    assert orange.sum() > 50  # the star (C1) at the trained alpha
