@@ -72,6 +72,19 @@ def _validate(cfg) -> list[str]:
                 check_model(name, setting)
             except MixrayError as e:
                 problems.append(str(e))
+    return problems + _benchmark_problems(cfg) if ev else problems
+
+
+def _benchmark_problems(cfg) -> list[str]:
+    from mixray.io.readers import resolve_path
+
+    problems = []
+    for b in cfg.evaluate.benchmarks:
+        try:
+            if not resolve_path(b.path).is_file():
+                problems.append(f"evaluate.benchmarks[{b.name}].path: {b.path} does not exist")
+        except MixrayError as e:
+            problems.append(f"evaluate.benchmarks[{b.name}].path: {e}")
     return problems
 
 
