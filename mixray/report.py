@@ -30,7 +30,7 @@ from typing import Any
 
 from mixray import choices, contracts
 from mixray.errors import InputError
-from mixray.io.rundir import read_manifest
+from mixray.io.rundir import completed_output, read_manifest
 
 log = logging.getLogger("mixray.report")
 
@@ -83,9 +83,8 @@ def load_run(run_dir: Path) -> Run:
             pngs = sorted(p.rglob("*.png")) if p.is_dir() else [p] if p.suffix == ".png" else []
             run.figures += [Figure(stage, str(f.relative_to(run_dir / stage)), f, _caption(stage, name))
                             for f in pngs]
-    s = run_dir / contracts.EVAL_SUMMARY.stage / contracts.EVAL_SUMMARY.name
-    if contracts.EVAL_SUMMARY.name in run.manifests.get("evaluate", {}).get("outputs", {}):
-        run.summary = json.loads(s.read_text())
+    s = completed_output(run_dir, contracts.EVAL_SUMMARY)
+    run.summary = json.loads(s.read_text()) if s else None
     return run
 
 
@@ -165,8 +164,8 @@ def loss_overlay(runs: list[Run], out: Path) -> Path | None:
     """Every run's training loss (smoothed, raw as faint markers) on one plot; None without any."""
     from mixray.training.metrics import epoch_starts, read_metrics, smooth
 
-    curves = [(r.name, read_metrics(r.path / contracts.TRAIN_METRICS.stage / contracts.TRAIN_METRICS.name))
-              for r in runs if contracts.TRAIN_METRICS.name in r.manifests.get("train", {}).get("outputs", {})]
+    found = [(r.name, completed_output(r.path, contracts.TRAIN_METRICS)) for r in runs]
+    curves = [(n, read_metrics(p)) for n, p in found if p is not None]
     curves = [(n, m) for n, m in curves if m]
     if not curves:
         return None

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from mixray.algorithms.evaluation import max_cosine, normalize_text
 from mixray.config import EvaluateConfig
 from mixray.contracts import CONTAMINATION_SCHEMA, EMBEDDINGS, EXAMPLES
-from mixray.io.rundir import read_manifest
+from mixray.io.rundir import completed_output
 from mixray.models.text import instruction_text
 
 log = logging.getLogger("mixray.evaluate")
@@ -66,8 +66,7 @@ def _embed_stage_vectors(run_dir: Path, cfg: EvaluateConfig, ids: list[str]) -> 
     """The embed stage's vectors when they are what the check needs (same encoder, model, text)."""
     from mixray.io.embeddings import read_embeddings
 
-    m = read_manifest(run_dir / EMBEDDINGS.stage)
-    if m is None or EMBEDDINGS.name not in m.get("outputs", {}):
+    if completed_output(run_dir, EMBEDDINGS) is None:
         return None
     meta = pq.read_schema(EMBEDDINGS.path(run_dir)).metadata or {}
     want = {b"mixray.encoder": b"sentence-transformers", b"mixray.text": b"instruction",

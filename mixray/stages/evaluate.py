@@ -60,7 +60,7 @@ from mixray.contracts import (
 from mixray.errors import ConfigError, InputError
 from mixray.io.benchmarks import read_benchmark
 from mixray.io.readers import resolve_path
-from mixray.io.rundir import file_sha256, output_hash, read_manifest, write_table
+from mixray.io.rundir import completed_output, file_sha256, output_hash, write_table
 from mixray.models.evaluation import STOP_SEP
 from mixray.models.registry import check_model
 from mixray.models.text import instruction_text
@@ -74,13 +74,6 @@ CODE_BENCHMARKS = ("not run: scoring HumanEval/MBPP executes model-written code,
                    "every machine without privileges (docs/evaluate.md)")
 # lower is better for these metrics; every other one (accuracies, win rate) is higher-is-better
 LOWER_IS_BETTER = ("loss", "perplexity")
-
-
-def _stage_output(run_dir: Path, artifact) -> Path | None:
-    """``artifact``'s path when its stage completed and recorded it, else None."""
-    m = read_manifest(run_dir / artifact.stage)
-    ok = m is not None and artifact.name in m.get("outputs", {}) and artifact.path(run_dir).exists()
-    return artifact.path(run_dir) if ok else None
 
 
 def heldout_items(path: Path, limit: int | None) -> list[dict[str, Any]]:
@@ -254,7 +247,7 @@ class Evaluate(Stage):
         if t == "none":
             return None
         if t == "auto":
-            found = _stage_output(self.run_dir, TRAIN_MERGED) or _stage_output(self.run_dir, TRAIN_MODEL)
+            found = completed_output(self.run_dir, TRAIN_MERGED) or completed_output(self.run_dir, TRAIN_MODEL)
             if found is None:
                 log.info("evaluate: no trained model in %s; evaluating the base model only",
                          self.run_dir / TRAIN_MODEL.stage)
@@ -264,7 +257,7 @@ class Evaluate(Stage):
 
     def _items(self) -> tuple[dict[str, list[dict]], dict[str, str]]:
         cfg, items, kinds = self.section, {}, {}
-        held = _stage_output(self.run_dir, HELDOUT)
+        held = completed_output(self.run_dir, HELDOUT)
         if cfg.heldout and held is not None:
             items["heldout"], kinds["heldout"] = heldout_items(held, cfg.heldout_limit), "heldout"
         elif cfg.heldout and not cfg.benchmarks:
@@ -363,12 +356,3 @@ class Evaluate(Stage):
         reqs = judge_requests(items, resp["trained"], resp["base"])
         verdicts = run_requests(reqs, resolve_model(cfg.judge.model, "evaluate.judge.model"), cfg, "judge")
         return score_judge(items, verdicts, resp["trained"], resp["base"])
-
-
-def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    """A run's ``evaluate/summary.json`` (None when the stage has not completed)."""
-    p = _stage_output(Path(run_dir), EVAL_SUMMARY)
-    return json.loads(p.read_text()) if p else None
-
-
-
