@@ -35,7 +35,7 @@ from mixray.io.rundir import completed_output, read_manifest
 log = logging.getLogger("mixray.report")
 
 _IN_KEYS = ("in", "pool", "rows", "items")
-_KEPT_KEYS = ("kept", "out", "scored", "selected", "steps", "models")
+_KEPT_KEYS = ("kept", "out", "scored", "selected")
 
 
 @dataclass
