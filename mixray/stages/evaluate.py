@@ -194,7 +194,7 @@ def score_judge(items: list[dict], verdicts: dict[str, dict], trained: dict, bas
 
 # ----------------------------------------------------------------------------- summary
 
-def summarize(results: pa.Table, models: dict[str, str]) -> list[dict[str, Any]]:
+def summarize(results: pa.Table) -> list[dict[str, Any]]:
     """Per benchmark and metric: n, the value per model and ``delta`` = trained − base."""
     df = results.to_pandas()
     out = []
@@ -304,7 +304,7 @@ class Evaluate(Stage):
             rows += self._judge(self.items["heldout"][:judged], resp)
         results = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
         write_table(results, out.path(EVAL_RESULTS))
-        metrics = summarize(results, models)
+        metrics = summarize(results)
         summary = {"models": models, "metrics": metrics, "code_benchmarks": CODE_BENCHMARKS,
                    "contamination": self._hit_counts(hits)}
         out.path(EVAL_SUMMARY).write_text(json.dumps(summary, indent=2, allow_nan=True))
