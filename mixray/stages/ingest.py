@@ -197,7 +197,7 @@ class Ingest(Stage):
 
     name = "ingest"
     outputs = (EXAMPLES, REJECTS, DUPLICATES, HELDOUT)
-    summary = "{kept} examples"
+    summary = "{kept} examples ({heldout} held out for evaluation)"
 
     def check(self) -> None:
         self.paths = source_paths(self.section)
