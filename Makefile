@@ -23,11 +23,17 @@ $(STAMP): pyproject.toml requirements/constraints-cpu.txt requirements/offline-m
 	touch $@
 
 demo: setup
-	$(BIN)/mixray run configs/demo.yaml
+	MIXRAY=$(BIN)/mixray bash scripts/demo.sh
+
+# Tests marked `browser` open the report in headless Chromium (Debian package `chromium`):
+# selected wherever /usr/bin/chromium exists (.ci/run installs it), deselected otherwise.
+CHROMIUM := $(wildcard /usr/bin/chromium)
+MARKERS  := not slow and not gpu$(if $(CHROMIUM),, and not browser)
 
 test: setup
 	$(BIN)/ruff check mixray tests benchmarks
-	$(BIN)/python -m pytest -q tests
+	@echo "pytest -m '$(MARKERS)'$(if $(CHROMIUM),, (no /usr/bin/chromium: the browser tests are deselected; apt-get install chromium))"
+	$(BIN)/python -m pytest -q tests -m '$(MARKERS)'
 
 lint: setup
 	$(BIN)/ruff check mixray tests benchmarks

@@ -42,5 +42,9 @@ TRAIN_PRESETS = ("none", "sftmix", "mdit")
 SFTMIX_NORMALIZERS = ("shared", "separate")  # both SFTMix terms over one normaliser, or each over its own
 ZERO_STAGES = (0, 1, 2, 3)
 
+# evaluate (mixray.io.benchmarks.READERS; mixray.stages.evaluate)
+BENCHMARK_KINDS = ("gsm8k", "multiple-choice")
+CONTAMINATION_ACTIONS = ("exclude", "fail")
+
 # the stages of a run, in run order (registry: mixray.stages.STAGES)
-STAGES = ("ingest", "embed", "score", "select", "mix", "cluster", "dynamics", "train")
+STAGES = ("ingest", "embed", "score", "select", "mix", "cluster", "dynamics", "train", "evaluate")

@@ -7,6 +7,7 @@
     mixray dynamics CONFIG [overrides] [--force]    SFTMix: reference run -> confidence.parquet
     mixray train    CONFIG [overrides] [--force]    selection -> fine-tuned model (Ray Train + DeepSpeed)
     mixray run      CONFIG [overrides] [--force]    every stage listed in ``stages``, in order
+    mixray report   RUN_DIR [RUN_DIR ...] [--out D] one HTML page (+ Markdown) over runs, and the eval table
 
 Heavy libraries (ray, torch, transformers) are imported inside the subcommands,
 so ``mixray --help`` is instant.
@@ -43,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
         if name != "validate":
             sp.add_argument("--force", action="store_true", help="recompute even if unchanged")
+    text = "one self-contained HTML report (and a Markdown twin) over one run or several compared"
+    rp = sub.add_parser("report", help=text, description=text)
+    rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    rp.add_argument("--out", metavar="DIR", help="output directory (default: RUN_DIR/report, or "
+                    "report-<a>-vs-<b> beside the first run when comparing)")
     return p
 
 
@@ -60,12 +66,30 @@ def _validate(cfg) -> list[str]:
     checks.append(("dynamics.model", reference, "dynamics" in cfg.stages and not given
                    and not (reference == cfg.train.model and "train" in cfg.stages)))
     checks.append(("train.model", cfg.train.model, "train" in cfg.stages))
+    ev = "evaluate" in cfg.stages
+    checks.append(("evaluate.model", cfg.evaluate.model or cfg.train.model, ev))
+    checks.append(("evaluate.judge.model", cfg.evaluate.judge.model, ev and cfg.evaluate.judge.model))
+    checks.append(("evaluate.contamination.model", cfg.evaluate.contamination.model,
+                   ev and cfg.evaluate.contamination.enabled))
     for setting, name, used in checks:
         if used:
             try:
                 check_model(name, setting)
             except MixrayError as e:
                 problems.append(str(e))
+    return problems + _benchmark_problems(cfg) if ev else problems
+
+
+def _benchmark_problems(cfg) -> list[str]:
+    from mixray.io.readers import resolve_path
+
+    problems = []
+    for b in cfg.evaluate.benchmarks:
+        try:
+            if not resolve_path(b.path).is_file():
+                problems.append(f"evaluate.benchmarks[{b.name}].path: {b.path} does not exist")
+        except MixrayError as e:
+            problems.append(f"evaluate.benchmarks[{b.name}].path: {e}")
     return problems
 
 
@@ -80,9 +104,23 @@ def _user_error(e: BaseException) -> MixrayError | None:
     return None
 
 
+def _report(args) -> int:
+    from mixray.report import write_report
+
+    html_path, md_path, table = write_report(args.run_dirs, args.out)
+    if table:
+        print(table)
+    else:
+        print("(no run has an evaluate stage yet: no evaluation table)")
+    print(f"report: {html_path}\nmarkdown: {md_path}")
+    return 0
+
+
 def _command(args) -> int:
     from mixray.config import dump_config, load_config
 
+    if args.command == "report":
+        return _report(args)
     cfg = load_config(args.config, args.overrides)
     if args.command == "validate":
         problems = _validate(cfg)

@@ -53,6 +53,8 @@ SelectOptimizer = Literal[choices.SELECT_OPTIMIZERS]
 SelectDistributed = Literal[choices.SELECT_DISTRIBUTED]
 Device = Literal[choices.DEVICES]
 StageName = Literal[choices.STAGES]
+BenchmarkKind = Literal[choices.BENCHMARK_KINDS]
+ContaminationAction = Literal[choices.CONTAMINATION_ACTIONS]
 STAGE_ORDER: tuple[str, ...] = choices.STAGES
 
 
@@ -152,9 +154,19 @@ class SourceConfig(_Strict):
         return self.task or self.name
 
 
+class HeldoutConfig(_Strict):
+    """The evaluation split of the pool: examples chosen by a hash of their id (stable, order-free)."""
+
+    fraction: float = Field(default=0.0, ge=0, lt=1, description="share of the examples held out for "
+                            "evaluation (ingest/heldout.parquet); 0 = no split")
+    exclude: bool = Field(default=True, description="keep them out of examples.parquet, so no stage "
+                          "selects or trains on them; false: they stay in the pool too")
+
+
 class IngestConfig(_Strict):
     sources: list[SourceConfig] = Field(min_length=1)
     drop_duplicates: bool = False
+    heldout: HeldoutConfig = HeldoutConfig()
 
     @field_validator("sources")
     @classmethod
@@ -512,6 +524,71 @@ class SelectConfig(_Strict):
         return [float(a) for a in (self.alpha if isinstance(self.alpha, list) else [self.alpha])]
 
 
+class BenchmarkConfig(_Strict):
+    """One benchmark file: GSM8K (``{question, answer}`` lines) or multiple choice (lm-eval style
+    ``{query, choices, gold}`` lines, or request files whose lines carry them under ``doc``)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    kind: BenchmarkKind
+    path: str = Field(description="file (.jsonl, .jsonl.gz) or pkg://<package>/<path>")
+    limit: int | None = Field(default=100, ge=1, description="items evaluated; null = all")
+    offset: int = Field(default=0, ge=0, description="records skipped first (e.g. those a "
+                        "training source reads)")
+    shots: int = Field(default=0, ge=0, description="gsm8k: worked examples in the prompt, the "
+                       "records right after offset (never evaluated)")
+
+    @model_validator(mode="after")
+    def _used_settings(self) -> BenchmarkConfig:
+        _only_for(self, "shots", self.kind == "gsm8k", "kind: gsm8k")
+        return self
+
+
+class ContaminationConfig(_Strict):
+    """Before evaluating, each item is checked against the training pool (ingest/examples.parquet)."""
+
+    enabled: bool = True
+    on_hit: ContaminationAction = Field(default="exclude", description="exclude the item (and "
+                                        "report it) | fail the run")
+    threshold: float = Field(default=0.9, gt=0, le=1, description="near duplicate: cosine >= this")
+    model: str = Field(default="all-MiniLM-L6-v2", description="sentence encoder for near duplicates")
+
+
+class JudgeConfig(_Strict):
+    """Optional pairwise LLM judge (MT-Bench style): trained vs base answers to held-out prompts."""
+
+    model: str | None = Field(default=None, description="a causal LM directory or alias; null = off")
+    limit: int = Field(default=20, ge=1, description="held-out prompts judged")
+
+
+class EvaluateConfig(ActorPoolConfig):
+    """The evaluate stage: base and trained model on held-out data and benchmarks (docs/evaluate.md)."""
+
+    model: str | None = Field(default=None, description="the base model; null = train.model")
+    trained: str = Field(default="auto", description="auto: <run_dir>/train/merged, else train/model, "
+                         "when the train stage has run; none: the base model only; or a directory")
+    base: bool = Field(default=True, description="evaluate the base model too (the deltas)")
+    heldout: bool = Field(default=True, description="response loss on ingest/heldout.parquet "
+                          "(ingest.heldout.fraction > 0)")
+    heldout_limit: int | None = Field(default=None, ge=1, description="held-out examples used")
+    benchmarks: list[BenchmarkConfig] = Field(default_factory=list)
+    contamination: ContaminationConfig = ContaminationConfig()
+    judge: JudgeConfig = JudgeConfig()
+    max_length: int = Field(default=1024, ge=16, description="tokens of context + continuation")
+    max_new_tokens: int = Field(default=256, ge=1, description="greedy generation length")
+    micro_batch: int = Field(default=4, ge=1, description="sequences per forward pass in an actor")
+    batch_size: int = Field(default=64, ge=1)
+    trust_remote_code: bool = False
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _unique_names(cls, v: list[BenchmarkConfig]) -> list[BenchmarkConfig]:
+        names = [b.name for b in v]
+        dup = sorted({n for n in names if names.count(n) > 1} | ({"heldout", "judge"} & set(names)))
+        if dup:
+            raise ValueError(f"benchmark names must be unique and not 'heldout' or 'judge'; got {dup}")
+        return v
+
+
 class RunConfig(_Strict):
     run_dir: str = "runs/default"
     seed: int = 0
@@ -527,6 +604,7 @@ class RunConfig(_Strict):
     cluster: ClusterConfig = ClusterConfig()
     dynamics: DynamicsConfig = DynamicsConfig()
     train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     @field_validator("stages")
     @classmethod
@@ -656,12 +734,14 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
 PATH_KEYS: tuple[tuple[str, ...], ...] = (
     ("ingest", "sources", "*", "path"), ("train", "deepspeed", "config_file"),
     ("train", "mdit", "mix_plan"), ("dynamics", "checkpoints", "*"), ("dynamics", "reference_run"),
-    ("dynamics", "train", "deepspeed", "config_file"))
+    ("dynamics", "train", "deepspeed", "config_file"), ("evaluate", "benchmarks", "*", "path"))
 # Keys that hold a file/directory OR a name (model alias, hub id, column): resolved only when
 # written as an explicit relative path (./x, ../x) or when that path exists beside the config.
 PATH_OR_NAME_KEYS: tuple[tuple[str, ...], ...] = (
     ("embed", "model"), ("score", "model"), ("mix", "model"), ("train", "model"),
-    ("train", "sftmix", "confidence"), ("dynamics", "model"), ("dynamics", "train", "model"))
+    ("train", "sftmix", "confidence"), ("dynamics", "model"), ("dynamics", "train", "model"),
+    ("evaluate", "model"), ("evaluate", "trained"), ("evaluate", "judge", "model"),
+    ("evaluate", "contamination", "model"))
 
 
 def _anchor(value: Any, base: Path, name_or_path: bool) -> Any:

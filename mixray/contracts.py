@@ -61,6 +61,19 @@ REJECTS = Artifact("ingest", "rejects.parquet", REJECT_SCHEMA,
 DUPLICATE_SCHEMA = pa.schema([("id", pa.string()), ("duplicate_of", pa.string())])
 DUPLICATES = Artifact("ingest", "duplicates.parquet", DUPLICATE_SCHEMA,
                       "exact duplicates: id, duplicate_of")
+HELDOUT = Artifact("ingest", "heldout.parquet", EXAMPLE_SCHEMA,
+                   "the evaluation split (ingest.heldout): examples chosen by a hash of their id")
+
+
+def in_eval_split(example_id: str, fraction: float) -> bool:
+    """Whether an example belongs to the evaluation split: ``u(id) < fraction`` with
+    ``u(id) = first 8 bytes of sha256(id) / 2^64``, uniform in [0, 1).
+
+    The same id is always on the same side, whatever the order or size of the pool, so
+    adding data never moves an example between training and evaluation.
+    """
+    digest = hashlib.sha256(example_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
 
 # ----------------------------------------------------------------------------- embed, score
 
@@ -151,3 +164,24 @@ CONFIDENCE = Artifact("dynamics", "confidence.parquet", None,
 DATA_MAP = Artifact("dynamics", "data_map.png", None,
                     "data map: confidence vs variability per example, coloured by split")
 CONFIDENCE_HIST = Artifact("dynamics", "confidence_hist.png", None, "histogram of conf by split")
+
+# ----------------------------------------------------------------------------- evaluate
+
+RESULT_SCHEMA = pa.schema([
+    ("model", pa.string()), ("benchmark", pa.string()), ("metric", pa.string()), ("id", pa.string()),
+    ("prediction", pa.string()), ("reference", pa.string()), ("score", pa.float64()),
+    ("nll", pa.float64()), ("tokens", pa.int64()),
+])
+EVAL_RESULTS = Artifact("evaluate", "results.parquet", RESULT_SCHEMA,
+                        "one row per model, benchmark, metric and item: prediction, reference, score "
+                        "(+ summed response NLL and tokens for the held-out loss)")
+EVAL_SUMMARY = Artifact("evaluate", "summary.json", None,
+                        "per benchmark and metric: n, the value per model, delta trained - base; "
+                        "the contamination check's counts")
+CONTAMINATION_SCHEMA = pa.schema([
+    ("benchmark", pa.string()), ("id", pa.string()), ("match", pa.string()), ("pool_id", pa.string()),
+    ("cosine", pa.float64()), ("text", pa.string()),
+])
+CONTAMINATION = Artifact("evaluate", "contamination.parquet", CONTAMINATION_SCHEMA,
+                         "evaluation items found in the training pool: match exact | near, the pool "
+                         "example, cosine")

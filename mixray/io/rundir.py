@@ -137,6 +137,14 @@ def is_complete(stage_dir: Path, fp: str) -> bool:
                for name, h in outs.items())
 
 
+def completed_output(run_dir: Path, artifact) -> Path | None:
+    """The path of ``artifact`` (a ``mixray.contracts.Artifact``) when its stage completed and its
+    manifest lists it, else None (a stale file of an earlier run does not count)."""
+    m = read_manifest(Path(run_dir) / artifact.stage)
+    path = artifact.path(run_dir)
+    return path if m is not None and artifact.name in m.get("outputs", {}) and path.exists() else None
+
+
 def output_hash(stage_dir: Path, name: str) -> str:
     """The recorded hash of a completed stage's output (what downstream stages key on)."""
     m = read_manifest(stage_dir)

@@ -23,6 +23,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "cluster": ("mixray.stages.cluster:Cluster", "MDIT: KMeans on originals + mixes over Ray actors, keep the nearest -> selection.parquet"),
     "dynamics": ("mixray.stages.dynamics:Dynamics", "SFTMix: train a reference model, score every example at C checkpoints -> confident/unconfident split"),
     "train": ("mixray.stages.train:Train", "fine-tune on Ray Train + DeepSpeed (loss ntp | mdit | sftmix)"),
+    "evaluate": ("mixray.stages.evaluate:Evaluate", "base vs trained model: held-out loss, GSM8K, multiple choice (Ray Data), after a contamination check"),
 }
 
 

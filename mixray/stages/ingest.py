@@ -9,7 +9,12 @@ Outputs under ``<run_dir>/ingest/``:
   messages): ``id, duplicate_of``. They stay in ``examples`` unless
   ``ingest.drop_duplicates: true``, in which case they are rejected with
   reason ``exact_duplicate``.
-- ``manifest.json`` — per source ``in == kept + rejected`` and counts by reason.
+- ``heldout.parquet`` — the evaluation split (``ingest.heldout.fraction``): the examples whose
+  id hashes below the fraction (``mixray.contracts.in_eval_split``), in the example schema.
+  With ``ingest.heldout.exclude: true`` (the default) they are not in ``examples.parquet``, so
+  no later stage selects or trains on them; ``evaluate`` measures the response loss on them.
+- ``manifest.json`` — per source ``in == kept + rejected`` (``kept`` counts the held-out
+  examples too, ``heldout`` how many of them there are) and counts by reason.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mixray.config import IngestConfig, SourceConfig
-from mixray.contracts import DUPLICATES, EXAMPLES, REJECTS
+from mixray.config import HeldoutConfig, IngestConfig, SourceConfig
+from mixray.contracts import DUPLICATES, EXAMPLES, HELDOUT, REJECTS, in_eval_split
 from mixray.errors import InputError
 from mixray.io.readers import read_source, resolve_path
 from mixray.io.rundir import file_sha256
@@ -82,10 +87,26 @@ class _Writer:
         self.writer.close()
 
 
+class _Split:
+    """Where a kept example goes: examples.parquet, heldout.parquet (the evaluation split) or both."""
+
+    def __init__(self, examples: _Writer, heldout: _Writer, cfg: HeldoutConfig):
+        self.examples, self.heldout, self.cfg = examples, heldout, cfg
+        self.n_heldout = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        held = self.cfg.fraction > 0 and in_eval_split(row["id"], self.cfg.fraction)
+        if held:
+            self.heldout.add(row)
+            self.n_heldout += 1
+        if not (held and self.cfg.exclude):
+            self.examples.add(row)
+
+
 def _ingest_source(
     src: SourceConfig,
     path: Path,
-    examples: _Writer,
+    examples: _Split,
     rejects: _Writer,
     dups: _Writer,
     seen_content: dict[str, str],
@@ -95,6 +116,7 @@ def _ingest_source(
     counts: Counter = Counter()
     own_ids: dict[str, int] = {}
     n_in = kept = 0
+    held_before = examples.n_heldout
     shown = str(path)
 
     def reject(rec, reason: RejectReason, detail: str, raw: str | None = None) -> None:
@@ -141,7 +163,8 @@ def _ingest_source(
         kept += 1
     rejected = sum(counts.values())
     assert n_in == kept + rejected, (n_in, kept, rejected)
-    return {"in": n_in, "kept": kept, "rejected": rejected, "reasons": dict(sorted(counts.items()))}
+    return {"in": n_in, "kept": kept, "rejected": rejected, "heldout": examples.n_heldout - held_before,
+            "reasons": dict(sorted(counts.items()))}
 
 
 def _bad_utf8(raw: str | None) -> bool:
@@ -173,8 +196,8 @@ class Ingest(Stage):
     """``ingest``: every source -> examples.parquet + rejects.parquet + duplicates.parquet."""
 
     name = "ingest"
-    outputs = (EXAMPLES, REJECTS, DUPLICATES)
-    summary = "{kept} examples"
+    outputs = (EXAMPLES, REJECTS, DUPLICATES, HELDOUT)
+    summary = "{kept} examples ({heldout} held out for evaluation)"
 
     def check(self) -> None:
         self.paths = source_paths(self.section)
@@ -194,12 +217,14 @@ class Ingest(Stage):
         cfg = self.section
         writers = (_Writer(out.path(EXAMPLES), EXAMPLES.schema), _Writer(out.path(REJECTS), REJECTS.schema),
                    _Writer(out.path(DUPLICATES), DUPLICATES.schema))
+        held = _Writer(out.path(HELDOUT), HELDOUT.schema) if cfg.heldout.fraction > 0 else None
+        split = _Split(writers[0], held, cfg.heldout)
         seen: dict[str, str] = {}
         occurrences: Counter = Counter()
         per_source = {}
         try:
             for src in cfg.sources:
-                c = _ingest_source(src, self.paths[src.name], *writers, seen, occurrences,
+                c = _ingest_source(src, self.paths[src.name], split, *writers[1:], seen, occurrences,
                                    cfg.drop_duplicates)
                 per_source[src.name] = c
                 if c["in"] == 0:
@@ -207,9 +232,9 @@ class Ingest(Stage):
                 log.info("ingest: %-14s in=%d = kept %d + rejected %d %s", src.name, c["in"],
                          c["kept"], c["rejected"], c["reasons"] or "")
         finally:
-            for w in writers:
+            for w in (*writers, held) if held else writers:
                 w.close()
-        total = {k: sum(c[k] for c in per_source.values()) for k in ("in", "kept", "rejected")}
+        total = {k: sum(c[k] for c in per_source.values()) for k in ("in", "kept", "rejected", "heldout")}
         if total["kept"] == 0:
             raise InputError("ingest: no usable example in any source (see the reasons above)")
         n_dup = writers[2].n
@@ -217,3 +242,7 @@ class Ingest(Stage):
         log.info("ingest: total in=%d = kept %d + rejected %d; %d exact duplicate(s)%s",
                  total["in"], total["kept"], total["rejected"], n_dup,
                  " dropped" if cfg.drop_duplicates else " kept (ingest.drop_duplicates: false)")
+        if held:
+            log.info("ingest: %d example(s) held out for evaluation (ingest.heldout.fraction=%g)%s",
+                     total["heldout"], cfg.heldout.fraction,
+                     ", not in examples.parquet" if cfg.heldout.exclude else ", also kept in the pool")

@@ -339,8 +339,22 @@ def sweep_labels(xy: list[tuple[float, float]], alphas: list[float],
     return [(x, y, "α=" + ", ".join(names)) for x, y, names in groups]  # at each first point
 
 
-def write_sweep(rows: list[dict], table: Path, plot: Path, k: int) -> None:
-    """alpha_sweep.csv and the quality-vs-diversity plot (matplotlib, Agg backend)."""
+QUALITY_AXIS = {"ifd": "mean quality q(A): IFD (a model-based proxy)",
+                "reward-model": "mean quality q(A): reward model", "column": "mean quality q(A): data column"}
+
+
+def quality_backend(run_dir: Path) -> str:
+    """The score backend recorded in ``score/quality.parquet`` (what the quality axis measures)."""
+    t = pq.read_table(QUALITY.path(run_dir), columns=["backend"])
+    return str(t.column("backend")[0]) if t.num_rows else ""
+
+
+def write_sweep(rows: list[dict], table: Path, plot: Path, k: int, trained_alpha: float | None = None,
+                backend: str = "") -> None:
+    """alpha_sweep.csv and the quality-vs-diversity plot (matplotlib, Agg backend).
+
+    The α that is trained on (the first of ``select.alpha``) is marked with a star; the quality
+    axis names the score backend (IFD is a proxy, not a reward model)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -360,12 +374,17 @@ def write_sweep(rows: list[dict], table: Path, plot: Path, k: int) -> None:
         # neighbours along the curve alternate above and below it
         ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 5 if i % 2 else -11),
                     fontsize=8)
+    main = [r for r in pts if trained_alpha is not None and r["alpha"] == trained_alpha]
+    if main:
+        ax.plot(main[0]["diversity"], main[0]["quality_mean"], "*", ms=16, color="C1", zorder=3,
+                label=f"trained on (α={trained_alpha:g})")
     rnd = [r for r in rows if r["alpha"] is None]
     if rnd:
         ax.axhline(rnd[0]["quality_mean"], color="C3", lw=1, ls="--", label="random (quality)")
         ax.axvline(rnd[0]["diversity"], color="C3", lw=1, ls=":", label="random (diversity)")
     ax.set_xlabel("diversity d(A)/N")
-    ax.set_ylabel("mean quality q(A)")
+    ax.set_ylabel(QUALITY_AXIS.get(backend, f"mean quality q(A): {backend}" if backend else
+                                   "mean quality q(A)"), fontsize=8)
     ax.set_title(f"QDIT quality vs diversity (K={k})")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -437,7 +456,7 @@ class Select(Stage):
                                      out.path(SELECTED))
         if len(cfg.alphas) > 1:
             write_sweep(_sweep_rows(summaries, x, q, cfg, seed), out.path(SWEEP_TABLE),
-                        out.path(SWEEP_PLOT), cfg.k)
+                        out.path(SWEEP_PLOT), cfg.k, cfg.alphas[0], quality_backend(self.run_dir))
         out.counts = {"pool": len(ids), "selected": n_sel}
         out.extra = {"method": cfg.method, "optimizer": cfg.optimizer, "distributed": cfg.distributed,
                      "alpha_main": cfg.alphas[0], "summary": summaries}

@@ -60,7 +60,7 @@ from mixray.contracts import (
     TRAIN_ROWS,
 )
 from mixray.errors import ConfigError, InputError
-from mixray.io.rundir import file_sha256, fingerprint, output_hash, read_manifest, write_table
+from mixray.io.rundir import completed_output, file_sha256, fingerprint, output_hash, write_table
 from mixray.models.registry import check_model
 from mixray.schema import EXAMPLE_SCHEMA
 from mixray.stages.runner import Outputs, Stage
@@ -76,8 +76,7 @@ _GROUP_NAMES = {"confident": True, "unconfident": False}
 # ----------------------------------------------------------------------------- inputs
 
 def _complete_output(run_dir: Path, artifact) -> bool:
-    m = read_manifest(run_dir / artifact.stage)
-    return m is not None and artifact.name in m.get("outputs", {}) and artifact.path(run_dir).exists()
+    return completed_output(run_dir, artifact) is not None
 
 
 def resolve_data_source(cfg: TrainConfig, run_dir: Path) -> str:

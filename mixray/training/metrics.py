@@ -91,27 +91,51 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def smooth(values: list[float], weight: float = 0.6) -> list[float]:
+    """Debiased exponential moving average (TensorBoard's smoothing): ``s_t = w·s_{t−1} + (1−w)·x_t``
+    divided by ``1 − w^t``, so the first point is the first value (not pulled towards 0)."""
+    out, acc = [], 0.0
+    for t, v in enumerate(values, start=1):
+        acc = weight * acc + (1 - weight) * v
+        out.append(acc / (1 - weight**t))
+    return out
+
+
+def epoch_starts(metrics: list[dict[str, float]]) -> list[float]:
+    """Where a new epoch begins, between two steps (``step − 0.5``), for the plot's boundaries."""
+    return [m["step"] - 0.5 for prev, m in zip(metrics, metrics[1:], strict=False)
+            if m["epoch"] != prev["epoch"]]
+
+
 def plot_loss_curves(metrics: list[dict[str, float]], out: Path, title: str) -> None:
-    """PNG of the loss (with its NTP / mix components when they differ from it) and the lr per step."""
+    """PNG of the loss per step (markers, a smoothed line, epoch boundaries), its NTP / mix
+    components when they differ from it, and the lr per step. A 1-step run shows its point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [m["step"] for m in metrics]
+    steps, loss = [m["step"] for m in metrics], [m["loss"] for m in metrics]
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 1))
-    ax.plot(steps, [m["loss"] for m in metrics], label="loss", lw=2)
+    ax.plot(steps, loss, "o", ms=4, alpha=0.5, color="C0", label="loss (per step)")
+    if len(steps) > 2:
+        ax.plot(steps, smooth(loss), lw=2, color="C0", label="loss (smoothed)")
     components = any(m["mix"] != 0 for m in metrics)  # ntp alone: its only component is the loss
-    for key, label in (("ntp", "NTP / originals"), ("mix", "mix term")):
+    for key, label, color in (("ntp", "NTP / originals", "C1"), ("mix", "mix term", "C2")):
         if components:
-            ax.plot(steps, [m[key] for m in metrics], label=label, lw=1)
+            ax.plot(steps, [m[key] for m in metrics], ".-", lw=1, color=color, label=label)
+    for i, x in enumerate(epoch_starts(metrics)):
+        for a in (ax, ax_lr):
+            a.axvline(x, color="gray", ls=":", lw=1, label="epoch boundary" if i == 0 and a is ax else None)
     ax.set_ylabel("loss (token mean)")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    ax_lr.plot(steps, [m["lr"] for m in metrics], color="gray")
+    ax_lr.plot(steps, [m["lr"] for m in metrics], ".-", color="gray")
     ax_lr.set_ylabel("lr")
     ax_lr.set_xlabel("optimizer step")
+    if len(steps) == 1:  # one point: give the axis a width so the marker is not on an edge
+        ax_lr.set_xlim(steps[0] - 1, steps[0] + 1)
     fig.tight_layout()
     fig.savefig(out, dpi=100, format="png")
     plt.close(fig)

@@ -51,3 +51,45 @@ def test_cli_error_is_a_message_not_a_traceback(tmp_path, capsys):
     assert code == 2
     assert "ingest.sources[gsm8k].path: /nonexistent.jsonl does not exist" in err
     assert "Traceback" not in err
+
+
+# The demo script with the data and the models' work shrunk (same stages, same two runs, same report).
+SMALL_DEMO = [
+    "ingest.sources.0.limit=12", "ingest.sources.1.limit=12", "ingest.sources.2.limit=6",
+    "score.max_length=128", "score.batch_size=8", "select.k=8", "train.epochs=1", "train.max_length=128",
+    "evaluate.heldout_limit=3", "evaluate.max_new_tokens=12", "evaluate.max_length=512",
+    "evaluate.benchmarks.0.shots=1", "evaluate.benchmarks.0.limit=2", "evaluate.benchmarks.1.limit=3",
+    "evaluate.benchmarks.2.limit=2",
+]
+
+
+def test_demo_script_compares_qdit_with_random_and_prints_the_table(tmp_path):
+    """scripts/demo.sh (what `make demo` runs): QDIT run, random run of the same K, the report."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = os.environ | {"MIXRAY": f"{sys.executable} -m mixray.cli", "RUNS": str(tmp_path)}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), *SMALL_DEMO], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    # the comparison table: the base model, then the QDIT run and the random run with deltas
+    assert re.search(r"^benchmark\s+metric\s+n\s+base\s+demo\s+demo-random\s*$", out, re.M), out
+    for bench, metric in (("heldout", "loss ↓"), ("heldout", "perplexity ↓"), ("gsm8k", "exact_match ↑"),
+                          ("arc_easy", "accuracy ↑"), ("arc_challenge", "accuracy_norm ↑")):
+        assert re.search(rf"^{bench}\s+{re.escape(metric)}\s+\d+\s+\S+\s+\S+ \([+-]\S+\)\s+\S+ \([+-]\S+\)",
+                         out, re.M), (bench, metric, out)
+    report = tmp_path / "demo-report" / "report.html"
+    assert f"report: {report}" in out and report.stat().st_size > 10_000
+    sel = {name: pq.read_table(tmp_path / name / "select" / "selection.parquet")["id"].to_pylist()
+           for name in ("demo", "demo-random")}
+    assert len(sel["demo"]) == len(sel["demo-random"]) == 8 and sel["demo"] != sel["demo-random"]
+    # the random run reused the QDIT run's data plane (skipped) and did not re-evaluate the base
+    random_eval = json.loads((tmp_path / "demo-random" / "evaluate" / "summary.json").read_text())
+    assert set(random_eval["models"]) == {"trained"}
+    assert "embed: inputs and config unchanged, skipped" in proc.stderr
+    held = set(pq.read_table(tmp_path / "demo" / "ingest" / "heldout.parquet")["id"].to_pylist())
+    trained_on = set(pq.read_table(tmp_path / "demo" / "train" / "rows.parquet")["id"].to_pylist())
+    assert held and not held & trained_on

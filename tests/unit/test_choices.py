@@ -11,7 +11,9 @@ from pydantic import ValidationError
 from mixray import choices
 from mixray.config import (
     TRAIN_PRESETS,
+    BenchmarkConfig,
     ClusterConfig,
+    ContaminationConfig,
     EmbedConfig,
     ScoreConfig,
     SelectConfig,
@@ -39,6 +41,8 @@ def _literal(model, field: str) -> tuple:
     (TrainConfig, "data", choices.TRAIN_DATA),
     (TrainConfig, "precision", choices.PRECISIONS),
     (TrainConfig, "preset", choices.TRAIN_PRESETS),
+    (BenchmarkConfig, "kind", choices.BENCHMARK_KINDS),
+    (ContaminationConfig, "on_hit", choices.CONTAMINATION_ACTIONS),
 ])
 def test_config_literals_come_from_choices(model, field, values):
     assert _literal(model, field) == values
@@ -54,12 +58,18 @@ def test_registries_have_exactly_the_choices():
     assert set(ENCODERS) == set(choices.ENCODERS)
     assert set(SCORERS) == set(choices.MODEL_SCORERS) == set(choices.SCORE_BACKENDS) - {"column"}
     assert set(TRAIN_PRESETS) == set(choices.TRAIN_PRESETS)
+    from mixray.io.benchmarks import READERS
+    from mixray.stages.select import QUALITY_AXIS
+
+    assert set(READERS) == set(choices.BENCHMARK_KINDS)
+    assert set(QUALITY_AXIS) == set(choices.SCORE_BACKENDS)
 
 
 @pytest.mark.parametrize("model, data, key", [
     (EmbedConfig, {"encoder": "lm-embedding", "encode_batch_size": 8}, "encode_batch_size"),
     (ScoreConfig, {"backend": "ifd", "label_index": 1}, "label_index"),
     (ScoreConfig, {"backend": "ifd", "column": "q"}, "column"),
+    (BenchmarkConfig, {"name": "arc", "kind": "multiple-choice", "path": "x", "shots": 2}, "shots"),
 ])
 def test_settings_that_do_not_apply_are_rejected(model, data, key):
     with pytest.raises(ValidationError, match=f"{key} applies only with"):

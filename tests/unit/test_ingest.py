@@ -180,6 +180,37 @@ def test_real_mdit_tasks(tmp_path):
 
 
 
+def test_heldout_split_by_id_hash_is_stable_and_out_of_the_pool(tmp_path):
+    """ingest.heldout: the evaluation split is chosen by a hash of the id (the same ids whatever the
+    pool's order or size), written to heldout.parquet and, by default, kept out of examples.parquet."""
+    from mixray.contracts import in_eval_split
+
+    rows = [_alpaca(i) for i in range(400)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m, ex, _ = _ingest(tmp_path, [{"name": "a", "path": str(tmp_path / "a.jsonl")}],
+                       heldout={"fraction": 0.2})
+    held = pq.read_table(tmp_path / "run" / "ingest" / "heldout.parquet")
+    c = m["counts"]
+    assert c["kept"] == 400 == len(ex) + len(held) and c["heldout"] == len(held) == c["sources"]["a"]["heldout"]
+    assert 50 < len(held) < 110  # ~ 0.2 * 400
+    assert not set(held["id"].to_pylist()) & set(ex["id"].to_pylist())
+    assert all(in_eval_split(i, 0.2) for i in held["id"].to_pylist())
+    assert not any(in_eval_split(i, 0.2) for i in ex["id"].to_pylist())
+    # the same ids go to the split when the pool is reversed and cut (ids are content-derived)
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[::-1][:300]))
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    _ingest(sub, [{"name": "a", "path": str(tmp_path / "b.jsonl")}], heldout={"fraction": 0.2})
+    held2 = pq.read_table(sub / "run" / "ingest" / "heldout.parquet")["id"].to_pylist()
+    assert set(held2) == set(held["id"].to_pylist()) & set(held2) and len(held2) < len(held)
+    # exclude: false keeps them in the pool as well
+    both = tmp_path / "both"
+    both.mkdir()
+    _, ex3, _ = _ingest(both, [{"name": "a", "path": str(tmp_path / "a.jsonl")}],
+                        heldout={"fraction": 0.2, "exclude": False})
+    assert len(ex3) == 400
+
+
 # --- issue 11: readers never stop early, nothing lost, no traceback ---------------------------
 
 def _alpaca(i: int) -> dict:

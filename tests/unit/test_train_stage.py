@@ -160,3 +160,22 @@ def test_metrics_curve_keeps_the_last_attempt_and_plots(tmp_path):
     plot_loss_curves(m, out, "t")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not math.isnan(m[-1]["tokens"])
+
+
+def test_loss_plot_smooths_marks_epochs_and_shows_a_single_step(tmp_path):
+    from PIL import Image
+
+    from mixray.training.metrics import epoch_starts, smooth
+
+    assert smooth([2.0, 4.0], 0.5) == pytest.approx([2.0, (0.5 * 1.0 + 2.0) / 0.75])
+    rows = [{"step": s, "epoch": e} for s, e in ((1, 0), (2, 0), (3, 1), (4, 1), (5, 2))]
+    assert epoch_starts(rows) == [2.5, 4.5]
+    one = [{"step": 1.0, "epoch": 0.0, "loss": 2.0, "ntp": 2.0, "mix": 0.0, "lr": 1e-3}]
+    out = tmp_path / "one.png"
+    plot_loss_curves(one, out, "1 step")
+    img = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    # the loss marker (matplotlib's C0 blue) is drawn in the middle of the loss axes (the single
+    # point is centred), not only in the legend
+    blue = (img[..., 2] - img[..., 0] > 60) & (img[..., 2] > 150)
+    h, w = blue.shape
+    assert blue[int(0.25 * h):int(0.45 * h), int(0.45 * w):int(0.6 * w)].sum() > 10
