@@ -155,6 +155,19 @@ def check_model(name: str, setting: str) -> None:
         )
 
 
+def worker_model_ref(name: str) -> str:
+    """What to hand a Ray worker for model ``name``; the worker calls :func:`resolve_model` on it.
+
+    An existing directory becomes an absolute path (workers do not share the driver's
+    working directory; on a cluster the directory must be at that path on every node:
+    shared storage, or baked into the image). An offline alias or a hub id is passed as
+    it is, so that each worker resolves it on its own node (``$MIXRAY_CACHE`` there),
+    instead of receiving a cache path that exists only on the driver's node.
+    """
+    p = Path(name).expanduser()
+    return str(p.resolve()) if p.is_dir() else name
+
+
 def resolve_model(name: str, setting: str = "model") -> str:
     """Return a local directory for ``name`` (building an alias once), or a hub id when online."""
     check_model(name, setting)

@@ -59,7 +59,7 @@ from mixray.contracts import (
 )
 from mixray.errors import ConfigError, InputError
 from mixray.io.rundir import file_sha256, fingerprint, output_hash, read_manifest, write_table
-from mixray.models.registry import check_model
+from mixray.models.registry import check_model, worker_model_ref
 from mixray.stages.runner import Outputs, Stage
 from mixray.training.metrics import plot_loss_curves, read_metrics
 
@@ -354,8 +354,12 @@ def _worker_resources(cfg: TrainConfig, ray_cfg: RayConfig) -> tuple[bool, dict[
 
 # ----------------------------------------------------------------------------- tokenizing (Ray Data)
 
-def tokenize_rows(table: pa.Table, cfg: TrainConfig, model_path: str) -> pa.Table:
-    """Token ids of both sides of every row, by a Ray Data actor pool; rows in ``row`` order."""
+def tokenize_rows(table: pa.Table, cfg: TrainConfig, model: str | None = None) -> pa.Table:
+    """Token ids of both sides of every row, by a Ray Data actor pool; rows in ``row`` order.
+
+    ``model`` (default ``train.model``): a directory or an offline alias, which the
+    actors resolve on their own nodes (``worker_model_ref``).
+    """
     import ray
 
     from mixray.models.sft import SFTEncoder
@@ -363,7 +367,8 @@ def tokenize_rows(table: pa.Table, cfg: TrainConfig, model_path: str) -> pa.Tabl
     batch = 256
     ds = ray.data.from_arrow(table).repartition(target_num_rows_per_block=batch)
     ds = ds.map_batches(
-        SFTEncoder, fn_constructor_kwargs={"model_path": model_path, "max_length": cfg.max_length,
+        SFTEncoder, fn_constructor_kwargs={"model_path": worker_model_ref(model or cfg.model),
+                                           "max_length": cfg.max_length,
                                            "trust_remote_code": cfg.trust_remote_code},
         batch_size=batch, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.tokenize_concurrency), num_cpus=1)
@@ -413,7 +418,7 @@ class TrainingJob:
             lora = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
                     "target_modules": list(cfg.lora.target_modules)}
         return {
-            "run_name": self.run_name, "model_path": self.model_path,
+            "run_name": self.run_name, "model_path": worker_model_ref(cfg.model),
             "trust_remote_code": cfg.trust_remote_code, "loss": cfg.loss, "seed": self.seed,
             "pad_id": self.pad_id, "micro_batch_size": cfg.micro_batch_size, "grad_accum": cfg.accumulation,
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
@@ -515,7 +520,7 @@ class Train(Stage):
     def run(self, out: Outputs) -> None:
         cfg, job = self.section, resolve_job(self.job, self.cfg.ray)
         t0 = time.time()
-        tokens = tokenize_rows(job.rows, cfg, job.model_path)
+        tokens = tokenize_rows(job.rows, cfg)
         n_trunc = int(np.count_nonzero(tokens.column("truncated").to_numpy()))
         if n_trunc:
             log.warning("train: %d of %d rows were cut to max_length=%d tokens", n_trunc, len(tokens),

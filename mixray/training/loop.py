@@ -32,7 +32,8 @@ from mixray.errors import TrainingConfigError
 
 log = logging.getLogger("mixray.train")
 
-# Required keys of the loop config (all plain JSON values).
+# Required keys of the loop config (all plain JSON values). ``model_path``: a model directory
+# (the same path on every node) or an offline alias, which each worker resolves on its node.
 LOOP_KEYS = (
     "run_name", "model_path", "trust_remote_code", "loss", "seed", "pad_id",
     "micro_batch_size", "grad_accum", "steps_per_epoch", "total_steps", "warmup_steps",
@@ -72,12 +73,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The per-worker training loop (see the module docstring)."""
     import ray.train
 
+    from mixray.models.registry import resolve_model
     from mixray.training.engines import make_engine, setup_worker, worker_device
     from mixray.training.export import export
     from mixray.training.metrics import MetricsLog
     from mixray.training.objectives import make_objective
 
     config = check_loop_config(config)
+    # an offline alias is resolved here, on this worker's node (its $MIXRAY_CACHE), not on the driver's
+    config["model_path"] = resolve_model(config["model_path"], "train.model")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     setup_worker(config)

@@ -1,0 +1,120 @@
+"""A real Ray head for a test: `ray start --head --block` on its own ports and temp dir.
+
+The head runs the dashboard and the job server; token authentication is on with a token
+of its own (``RAY_AUTH_MODE=token``, ``RAY_AUTH_TOKEN``), as cluster/README.md tells a
+cluster to run, so the test neither depends on nor touches ``~/.ray/auth_token``.
+It is stopped by its own pid: SIGTERM to ``ray start --block`` tears down every process
+it started; if that does not end within the timeout, SIGKILL to its process group (the
+head is started in a session of its own). Never ``ray stop``: that would stop every Ray
+on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+# every port `ray start --head` would otherwise take at its default (6379, 8265, 10001, 52365)
+# or at random: several Rays share CI and developer machines
+PORT_FLAGS = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+              "ray-client-server-port", "node-manager-port", "object-manager-port",
+              "metrics-export-port", "runtime-env-agent-port")
+
+
+@dataclass
+class Head:
+    pid: int
+    dashboard: str        # http://127.0.0.1:<port>: the job server's address
+    temp_dir: Path
+    env: dict[str, str]   # what a job client needs (token auth) on top of os.environ
+    log: Path
+
+    def client_env(self) -> dict[str, str]:
+        return os.environ | self.env
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _wait_until_up(head: Head, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}:\n{head.log.read_text()[-3000:]}")
+        if "Ray runtime started" in head.log.read_text(errors="replace"):
+            try:
+                urllib.request.urlopen(f"{head.dashboard}/api/version", timeout=5)
+                return
+            except urllib.error.HTTPError:  # 401 without the token: the server is up
+                return
+            except (urllib.error.URLError, OSError):
+                pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the Ray head did not come up in {timeout:.0f} s:\n{head.log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM the head (it stops what it started); SIGKILL its process group if it lingers."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):  # stragglers of this head only: its own group
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+
+
+@contextlib.contextmanager
+def ray_head(num_cpus: int = 2, object_store_memory: int = 500_000_000,
+             timeout: float = 120) -> Iterator[Head]:
+    """Start a head with the dashboard and the job server; yield it; stop it (see the module doc)."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="mxh-", dir="/tmp"))  # short: Unix socket paths
+    ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = os.environ | auth | {
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the job's `mixray` command
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # SIGTERM: stop now, no 30 s drain
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    args = [str(BIN / "ray"), "start", "--head", "--block", f"--num-cpus={num_cpus}",
+            f"--object-store-memory={object_store_memory}", "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+            "--min-worker-port=0", "--max-worker-port=0"]
+    args += [f"--{flag}={port}" for flag, port in ports.items()]
+    log = temp_dir / "head.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    head = Head(proc.pid, f"http://127.0.0.1:{ports['dashboard-port']}", temp_dir, auth, log)
+    try:
+        _wait_until_up(head, proc, timeout)
+        yield head
+    finally:
+        stop(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
