@@ -36,5 +36,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRAIN_PRESETS = ("none", "sftmix", "mdit")
 ZERO_STAGES = (0, 1, 2, 3)
 
+# the configs shipped in mixray/configs/ (`mixray init <recipe>`; mixray.recipes)
+RECIPES = ("demo", "train_demo", "mdit")
+
 # the stages of a run, in run order (registry: mixray.stages.STAGES)
 STAGES = ("ingest", "embed", "score", "select", "mix", "cluster", "train")

@@ -29,6 +29,7 @@ import os
 from typing import Literal
 
 from mixray.config import RayConfig
+from mixray.console import QUIET_ENV, quiet_ray_data, verbose
 from mixray.errors import ResourceError
 
 log = logging.getLogger("mixray.runtime")
@@ -40,10 +41,9 @@ JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray for a job's entrypo
 _MAX_LOCAL_OBJECT_STORE = 2 * 1024**3
 WORKER_SETUP_HOOK = "mixray.distributed.worker_setup.setup"
 QUIET_WORKER_SETUP_HOOK = "mixray.distributed.worker_setup.setup_quiet"
-VERBOSE_ENV = "MIXRAY_VERBOSE"  # "1": show everything (set by `mixray --verbose`)
 # Read by the libraries when a worker imports them, so they go in before the worker starts:
 # no tqdm bars (transformers' "Loading weights", GGUF conversion), no hub progress bars.
-QUIET_WORKER_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+QUIET_WORKER_ENV = QUIET_ENV
 
 DriverMode = Literal["job", "cluster", "local"]
 
@@ -70,11 +70,6 @@ def _total_memory() -> int:
 
 def _forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in PROPAGATE if k in os.environ}
-
-
-def verbose() -> bool:
-    """Whether the console shows everything (``mixray --verbose``)."""
-    return os.environ.get(VERBOSE_ENV) == "1"
 
 
 def _job_runtime_env() -> dict:
@@ -160,4 +155,5 @@ def init_ray(cfg: RayConfig) -> DriverMode:
         _init_cluster(cfg.address or os.environ["RAY_ADDRESS"])
     else:
         _init_local(cfg)
+    quiet_ray_data()
     return mode

@@ -5,16 +5,21 @@ as the job's ``worker_process_setup_hook``, by module path, so Ray imports this 
 in every worker process before any task or actor code. Keep it to the standard
 library: every worker pays for its imports.
 
-What a worker prints, Ray streams to the driver's console. The quiet set-up drops
-what says nothing to a mixray user: FutureWarnings of third-party libraries (one per
-worker and library), and Ray Train's per-second complaint when the State API is
-missing. Progress bars inside workers are switched off by environment variables
+What a worker prints, Ray streams to the driver's console. Both set-ups pin the
+worker's ``RAY_ADDRESS`` to its own cluster and drop Ray Train's per-second complaint
+when the State API is missing (without the dashboard). The quiet one also drops what
+says nothing to a mixray user: FutureWarnings and DeprecationWarnings of the libraries
+(one per worker and library), Ray Data's per-dataset INFO lines inside training
+workers, and mixray's own INFO lines in workers (the driver's bar and summary say it). Progress bars inside workers are switched off by environment variables
 (``runtime.QUIET_WORKER_ENV``), which must be set before the libraries are imported.
+A hook that raises would make Ray kill the worker: every step here is best effort.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import warnings
 
 # Ray Train's detached placement-group cleaner polls the State API every second; without
@@ -31,16 +36,40 @@ class DropNoStateApiWarning(logging.Filter):
         return not record.getMessage().startswith(NO_STATE_API)
 
 
+# Ray Data inside a training worker: the notice that progress bars are off (the driver turns
+# them off for training) and the start/finish INFO lines of every epoch's dataset.
+RAY_DATA_CHATTER = {"ray.data._internal.progress": logging.ERROR,
+                    "ray.data._internal.execution.streaming_executor": logging.WARNING}
+
+
+def _pin_ray_address() -> None:
+    """Ray Train's placement-group cleaner finds its cluster by address; with ``RAY_ADDRESS``
+    unset and several Rays on the machine it dies with a traceback ("Found multiple active Ray
+    instances"). A worker knows its own cluster: pin it."""
+    import ray
+
+    with contextlib.suppress(Exception):
+        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+
 def setup() -> None:
-    """The ``worker_process_setup_hook`` under ``--verbose``: only the State API filter."""
+    """The ``worker_process_setup_hook`` under ``--verbose``: the State API filter, RAY_ADDRESS."""
     logger = logging.getLogger(PG_CLEANER_LOGGER)
     if not any(isinstance(f, DropNoStateApiWarning) for f in logger.filters):
         logger.addFilter(DropNoStateApiWarning())
+    _pin_ray_address()
 
 
 def setup_quiet() -> None:
-    """The default ``worker_process_setup_hook``: :func:`setup` + no third-party FutureWarnings."""
+    """The default ``worker_process_setup_hook``: :func:`setup` + no library deprecation notices,
+    no Ray Data chatter."""
     setup()
-    # Deprecation notices of libraries to their callers (transformers, torch, peft, ...):
+    # Deprecation notices of libraries to their callers (transformers, torch, peft, Ray's own):
     # the user cannot act on them, and every worker would print each once.
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name, level in RAY_DATA_CHATTER.items():
+        logging.getLogger(name).setLevel(level)
+    # mixray's own INFO lines in workers (rank 0's step log, exports): the driver's bar and
+    # summary lines say it; warnings still come through
+    logging.getLogger("mixray").setLevel(logging.WARNING)

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mixray.config import IngestConfig, SourceConfig
+from mixray.console import stage_bar
 from mixray.contracts import DUPLICATES, EXAMPLES, REJECTS
 from mixray.errors import InputError
 from mixray.io.readers import read_source, resolve_path
@@ -193,12 +194,14 @@ class Ingest(Stage):
         occurrences: Counter = Counter()
         per_source = {}
         try:
-            for src in cfg.sources:
-                c = _ingest_source(src, self.paths[src.name], *writers, seen, occurrences,
-                                   cfg.drop_duplicates)
-                per_source[src.name] = c
-                log.info("ingest: %-14s in=%d = kept %d + rejected %d %s", src.name, c["in"],
-                         c["kept"], c["rejected"], c["reasons"] or "")
+            with stage_bar("ingest", len(cfg.sources), unit="sources") as bar:
+                for src in cfg.sources:
+                    c = _ingest_source(src, self.paths[src.name], *writers, seen, occurrences,
+                                       cfg.drop_duplicates)
+                    per_source[src.name] = c
+                    log.info("ingest: %-14s in=%d = kept %d + rejected %d %s", src.name, c["in"],
+                             c["kept"], c["rejected"], c["reasons"] or "")
+                    bar.update()
         finally:
             for w in writers:
                 w.close()

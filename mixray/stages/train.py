@@ -46,6 +46,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mixray.config import RayConfig, TrainConfig, section_hash
+from mixray.console import follow, stage_bar, verbose
 from mixray.contracts import (
     CONFIDENCE,
     EXAMPLES,
@@ -61,7 +62,7 @@ from mixray.errors import ConfigError, InputError
 from mixray.io.rundir import file_sha256, fingerprint, output_hash, read_manifest, write_table
 from mixray.models.registry import check_model, worker_model_ref
 from mixray.stages.runner import Outputs, Stage
-from mixray.training.metrics import plot_loss_curves, read_metrics
+from mixray.training.metrics import last_step, plot_loss_curves, read_metrics
 
 log = logging.getLogger("mixray.train")
 
@@ -551,11 +552,14 @@ class Train(Stage):
         loop_config = job.loop_config(log_dir, export_dir, merged_dir)
         ctx = ray.data.DataContext.get_current()
         bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # no bar per worker per epoch
-        try:
-            result = fit(loop_config, rank_datasets(tokens, cfg.num_workers), num_workers=cfg.num_workers,
-                         use_gpu=job.use_gpu, resources_per_worker=job.resources, storage_path=str(storage),
-                         name=job.run_name, max_failures=cfg.max_failures,
-                         keep_checkpoints=cfg.keep_checkpoints)
+        try:  # the stage's bar follows the steps rank 0 logs
+            with stage_bar("train", job.total_steps, unit="steps") as bar, \
+                    follow(bar, lambda: last_step(log_dir / "metrics.csv")):
+                result = fit(loop_config, rank_datasets(tokens, cfg.num_workers), num_workers=cfg.num_workers,
+                             use_gpu=job.use_gpu, resources_per_worker=job.resources,
+                             storage_path=str(storage), name=job.run_name, max_failures=cfg.max_failures,
+                             keep_checkpoints=cfg.keep_checkpoints,
+                             log_level="INFO" if verbose() else "WARNING")
         finally:
             ctx.enable_progress_bars = bars
         if not any((export_dir / f).is_file() for f in ("config.json", "adapter_config.json")):

@@ -280,8 +280,12 @@ def fit(
     name: str,
     max_failures: int,
     keep_checkpoints: int,
+    log_level: str = "INFO",
 ):
     """Run ``train_loop_per_worker`` on a ``TorchTrainer``; returns the Ray Train ``Result``.
+
+    ``log_level``: of Ray Train's own lines on the console (its controller and workers);
+    its log files keep everything.
 
     A run with the same ``name`` under ``storage_path`` resumes from its latest
     checkpoint (Ray restores the run's checkpoint state), as does a worker group
@@ -290,7 +294,14 @@ def fit(
     only its own): the shard assignment is the pure sampler's, not Ray's.
     """
     loop_config = check_loop_config(loop_config)
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchConfig, TorchTrainer
 
     trainer = TorchTrainer(
@@ -301,7 +312,8 @@ def fit(
         run_config=RunConfig(
             name=name, storage_path=storage_path,
             failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints)),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+            logging_config=LoggingConfig(log_level=log_level)),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

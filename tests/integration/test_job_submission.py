@@ -3,7 +3,7 @@
 `ray job submit --address http://<head>:8265 --working-dir . --runtime-env
 cluster/runtime_env.yaml -- mixray run configs/demo.yaml run_dir=<abs>` is read from the
 README, pointed at a head this test starts (its own temp dir and ports, dashboard and job
-server on, token auth on; tests/ray_head.py) and run through the Jobs CLI on a shrunken
+server on, token auth on; tests/rays.py) and run through the Jobs CLI on a shrunken
 demo: every stage, training included, with the tiny test model. Then the same command
 again: every stage is skipped. A relative run_dir is refused. Only the head this test
 started is stopped, by its pid.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from ray_head import BIN, Head, ray_head
+from rays import BIN, Head, ray_head
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("ingest", "embed", "score", "select", "train")

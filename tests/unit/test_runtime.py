@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 
+from mixray import console
 from mixray.config import RayConfig
 from mixray.distributed import runtime, worker_setup
 
@@ -22,7 +23,8 @@ def fake_ray(monkeypatch):
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv(runtime.JOB_CONFIG_ENV, raising=False)
-    monkeypatch.delenv(runtime.VERBOSE_ENV, raising=False)
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    monkeypatch.setattr(runtime, "quiet_ray_data", lambda: None)  # tested in test_console.py
     return calls
 
 
@@ -42,7 +44,7 @@ def test_local_ray_is_fresh_and_its_workers_quiet(fake_ray):
 
 
 def test_verbose_shows_everything(fake_ray, monkeypatch):
-    monkeypatch.setenv(runtime.VERBOSE_ENV, "1")
+    monkeypatch.setenv(console.VERBOSE_ENV, "1")
     runtime.init_ray(RayConfig(address="ray://head:10001"))
     (kw,) = fake_ray
     assert kw["address"] == "ray://head:10001"

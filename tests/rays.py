@@ -1,4 +1,8 @@
-"""A real Ray head for a test: `ray start --head --block` on its own ports and temp dir.
+"""The Rays tests start: the session's local Ray, and a real head for job submission.
+
+``start_session_ray``: the local Ray of the ``ray_session`` fixture (conftest.py).
+
+``ray_head``: `ray start --head --block` on its own ports and temp dir.
 
 The head runs the dashboard and the job server; token authentication is on with a token
 of its own (``RAY_AUTH_MODE=token``, ``RAY_AUTH_TOKEN``), as cluster/README.md tells a
@@ -118,3 +122,48 @@ def ray_head(num_cpus: int = 2, object_store_memory: int = 500_000_000,
     finally:
         stop(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def start_session_ray():
+    """The session's local Ray: 2 CPUs, no dashboard, 1 GB object store (also restarted by the
+    multi-node test after its cluster of its own)."""
+    import ray
+
+    # address="local": never attach to another Ray running on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=1_000_000_000,
+             log_to_driver=False,
+             runtime_env={"env_vars": {k: os.environ[k] for k in (
+                 "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM",
+                 "MIXRAY_CACHE") if k in os.environ}})
+
+
+@contextlib.contextmanager
+def two_node_cluster(object_store_memory: int = 300_000_000) -> Iterator[list]:
+    """Two Ray nodes on this machine (``ray.cluster_utils.Cluster``), connected as this process's Ray.
+
+    The head offers no CPU, so every task, actor and train worker runs on one of two
+    nodes of 1 CPU each; node ``i`` carries the custom resources ``node<i>: 1`` and
+    ``worker_slot: 1`` (a training worker that asks for a ``worker_slot`` gets a node of
+    its own). A Ray this process had (the session's) is shut down first and started
+    again afterwards, so the tests after this one find it as before.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    had_session_ray = ray.is_initialized()
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False, "object_store_memory": object_store_memory})
+    try:
+        nodes = [cluster.add_node(num_cpus=1, object_store_memory=object_store_memory,
+                                  resources={f"node{i}": 1, "worker_slot": 1}) for i in range(2)]
+        cluster.wait_for_nodes()
+        env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                                          "TOKENIZERS_PARALLELISM", "MIXRAY_CACHE") if k in os.environ}
+        ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
+        yield nodes
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if had_session_ray:
+            start_session_ray()
