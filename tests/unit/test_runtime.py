@@ -95,11 +95,26 @@ def test_cluster_mode_forwards_env_and_names_an_unreachable_address(fake_ray, mo
         runtime.init_ray(RayConfig(address="10.0.0.2:6379"))
 
 
-def test_quiet_worker_setup_ignores_future_warnings_only(monkeypatch):
+@pytest.fixture
+def worker_process(monkeypatch):
+    """What setup_quiet() changes in a worker process, given back to this test process after."""
+    import threading
+
+    names = ("mixray", *worker_setup.RAY_DATA_CHATTER)
+    levels = {n: logging.getLogger(n).level for n in names}
     monkeypatch.setattr(warnings, "filters", list(warnings.filters))
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    yield
+    for n, level in levels.items():
+        logging.getLogger(n).setLevel(level)
+
+
+def test_quiet_worker_setup_ignores_deprecation_notices_only(worker_process):
     worker_setup.setup_quiet()
+    assert logging.getLogger("mixray").level == logging.WARNING  # in a worker: the driver says it
     with warnings.catch_warnings(record=True) as seen:
         warnings.warn("old api", FutureWarning, stacklevel=1)
+        warnings.warn("old ray api", DeprecationWarning, stacklevel=1)
         warnings.warn("check this", UserWarning, stacklevel=1)
     assert [type(w.message) for w in seen] == [UserWarning]
 
@@ -114,3 +129,23 @@ def test_worker_setup_drops_only_the_state_api_warning(caplog):
                        "temporarily unavailable. Continuing to monitor.")
         logger.warning("Failed to query placement group table: boom. Assuming not removed.")
     assert [r.getMessage()[:40] for r in caplog.records] == ["Failed to query placement group table: b"]
+
+
+def test_quiet_worker_setup_drops_only_the_pg_cleaner_connection_crash(worker_process, monkeypatch):
+    import threading
+
+    seen = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.thread.name))
+    worker_setup.setup_quiet()
+    worker_setup.setup_quiet()  # idempotent: one wrapper
+
+    def fail(exc):
+        raise exc
+
+    for name, exc in ((worker_setup.PG_CLEANER_THREAD, ConnectionError("Found multiple active Ray")),
+                      (worker_setup.PG_CLEANER_THREAD, ValueError("a real bug")),
+                      ("other", ConnectionError("elsewhere"))):
+        t = threading.Thread(target=fail, args=(exc,), name=name)
+        t.start()
+        t.join()
+    assert seen == [worker_setup.PG_CLEANER_THREAD, "other"]  # only the cleaner's ConnectionError dropped
