@@ -94,10 +94,8 @@ def stop(proc: subprocess.Popen, timeout: float = 60) -> None:
     proc.wait(10)
 
 
-@contextlib.contextmanager
-def ray_head(num_cpus: int = 2, object_store_memory: int = 500_000_000,
-             timeout: float = 120) -> Iterator[Head]:
-    """Start a head with the dashboard and the job server; yield it; stop it (see the module doc)."""
+def _start_head(num_cpus: int, object_store_memory: int, timeout: float
+                ) -> tuple[subprocess.Popen, Head]:
     temp_dir = Path(tempfile.mkdtemp(prefix="mxh-", dir="/tmp"))  # short: Unix socket paths
     ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
@@ -118,10 +116,33 @@ def ray_head(num_cpus: int = 2, object_store_memory: int = 500_000_000,
     head = Head(proc.pid, f"http://127.0.0.1:{ports['dashboard-port']}", temp_dir, auth, log)
     try:
         _wait_until_up(head, proc, timeout)
+    except (RuntimeError, TimeoutError):
+        stop(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+    return proc, head
+
+
+@contextlib.contextmanager
+def ray_head(num_cpus: int = 2, object_store_memory: int = 500_000_000,
+             timeout: float = 120, attempts: int = 2) -> Iterator[Head]:
+    """Start a head with the dashboard and the job server; yield it; stop it (see the module doc).
+
+    A second attempt on a failed start: Ray gives its raylet 30 s to register, which a busy
+    shared machine does not always meet.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            proc, head = _start_head(num_cpus, object_store_memory, timeout)
+            break
+        except (RuntimeError, TimeoutError):
+            if attempt == attempts:
+                raise
+    try:
         yield head
     finally:
         stop(proc)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(head.temp_dir, ignore_errors=True)
 
 
 def start_session_ray():
