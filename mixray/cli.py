@@ -1,5 +1,6 @@
 """The ``mixray`` command.
 
+    mixray init     [RECIPE] [DIR] [--force]        copy a shipped config (demo, train_demo, mdit) into DIR
     mixray validate CONFIG [key.path=value ...]     check a config, report every problem
     mixray ingest   CONFIG [overrides] [--force]    sources -> examples.parquet + rejects
     mixray embed    CONFIG [overrides] [--force]    examples -> embeddings.parquet (Ray Data)
@@ -19,6 +20,7 @@ import argparse
 import logging
 import sys
 
+from mixray import console
 from mixray.errors import MixrayError
 from mixray.stages import STAGES
 
@@ -31,10 +33,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Data-centric instruction tuning at cluster scale, on Ray.",
         epilog="Overrides: key.path=value after CONFIG, e.g. embed.batch_size=512 ingest.sources.0.limit=100",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show everything: DEBUG logs, Ray's and the libraries' own output and "
+                        "progress (default: mixray's lines and one progress bar per stage)")
     p.add_argument("--debug", action="store_true",
                    help="show the traceback of an error (user errors print one line without it)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _init_parser(sub)
     helps = {"validate": "validate a config and print the resolved result"}
     helps |= {name: text for name, (_, text) in STAGES.items()}
     helps["run"] = "run the stages listed in the config's 'stages', in order"
@@ -52,12 +57,40 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _init_parser(sub) -> None:
+    from mixray.choices import RECIPES
+
+    text = "copy a config shipped with mixray (and the DeepSpeed templates) into a directory"
+    sp = sub.add_parser("init", help=text, description=text + ", e.g. `mixray init demo .` "
+                        "then `mixray run demo.yaml`")
+    sp.add_argument("recipe", nargs="?", default="demo", choices=RECIPES, help="default: demo")
+    sp.add_argument("dir", nargs="?", default=".", help="where to write it (default: .)")
+    sp.add_argument("--force", action="store_true", help="overwrite existing files")
+
+
+def _init(args) -> int:
+    from mixray.recipes import init_recipe
+
+    written = init_recipe(args.recipe, args.dir, args.force)
+    for path in written:
+        print(path)
+    print(f"run it: mixray run {written[0]}   (check it: mixray validate {written[0]})",
+          file=sys.stderr)
+    return 0
+
+
 def _validate(cfg) -> list[str]:
-    """Checks beyond the schema that need no heavy import: files and models exist (one per problem)."""
-    from mixray.models.registry import check_model
+    """Checks beyond the schema that need no heavy import, one problem each: every source,
+    every model the stages use (a directory, or an offline alias whose packages are installed)
+    and every file the train stage would read."""
     from mixray.stages.ingest import source_problems
 
-    problems = source_problems(cfg.ingest)[1]
+    return source_problems(cfg.ingest)[1] + _model_problems(cfg) + _train_file_problems(cfg)
+
+
+def _model_problems(cfg) -> list[str]:
+    from mixray.models.registry import check_model
+
     checks = [("embed.model", cfg.embed.model, "embed" in cfg.stages)]
     checks.append(("score.model", cfg.score.model, "score" in cfg.stages and cfg.score.backend != "column"))
     checks.append(("mix.model", cfg.mix.model, "mix" in cfg.stages))
@@ -71,6 +104,7 @@ def _validate(cfg) -> list[str]:
     checks.append(("evaluate.judge.model", cfg.evaluate.judge.model, ev and cfg.evaluate.judge.model))
     checks.append(("evaluate.contamination.model", cfg.evaluate.contamination.model,
                    ev and cfg.evaluate.contamination.enabled))
+    problems = []
     for setting, name, used in checks:
         if used:
             try:
@@ -91,6 +125,21 @@ def _benchmark_problems(cfg) -> list[str]:
         except MixrayError as e:
             problems.append(f"evaluate.benchmarks[{b.name}].path: {e}")
     return problems
+
+
+def _train_file_problems(cfg) -> list[str]:
+    """Files the train stage reads that are given in the config (a missing one is a problem)."""
+    from pathlib import Path
+
+    t = cfg.train
+    if "train" not in cfg.stages:
+        return []
+    files = [("train.deepspeed.config_file", t.deepspeed.config_file if t.deepspeed.enabled else None),
+             ("train.mdit.mix_plan", t.mdit.mix_plan if t.loss == "mdit" else None)]
+    if t.loss == "sftmix" and t.sftmix.confidence and t.sftmix.confidence.endswith(".parquet"):
+        files.append(("train.sftmix.confidence", t.sftmix.confidence))
+    return [f"{key}: {path} does not exist" for key, path in files
+            if path and not Path(path).expanduser().is_file()]
 
 
 def _user_error(e: BaseException) -> MixrayError | None:
@@ -121,6 +170,8 @@ def _command(args) -> int:
 
     if args.command == "report":
         return _report(args)
+    if args.command == "init":
+        return _init(args)
     cfg = load_config(args.config, args.overrides)
     if args.command == "validate":
         problems = _validate(cfg)
@@ -140,12 +191,7 @@ def _command(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+    console.setup(args.verbose)  # before ray, torch or transformers are imported
     try:
         return _command(args)
     except KeyboardInterrupt:

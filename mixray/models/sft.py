@@ -21,6 +21,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from mixray.algorithms.batching import truncate_pair
+from mixray.models.registry import resolve_model
 from mixray.models.text import conversation, prompt_segments, prompt_text
 
 __all__ = ["SFTEncoder", "encode_example", "load_tokenizer"]
@@ -75,10 +76,13 @@ def encode_example(tok, instruction: str, input_: str, output: str, max_length: 
 
 
 class SFTEncoder:
-    """Ray Data callable: training rows (pyarrow) -> the same rows plus token columns."""
+    """Ray Data callable: training rows (pyarrow) -> the same rows plus token columns.
+
+    ``model_path``: a model directory or an offline alias, resolved on the actor's node.
+    """
 
     def __init__(self, model_path: str, max_length: int, trust_remote_code: bool = False):
-        self.tok = load_tokenizer(model_path, trust_remote_code)
+        self.tok = load_tokenizer(resolve_model(model_path, "train.model"), trust_remote_code)
         self.max_length = max_length
 
     def _side(self, cols: dict, side: str, i: int) -> tuple[list[int], list[int], bool]:

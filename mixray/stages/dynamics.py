@@ -231,7 +231,7 @@ class Dynamics(Stage):
                         "run", n_cut, tokens.num_rows, job.cfg.max_length)
         loop = job.loop_config(ref_dir / "logs", ref_dir / f"step-{self.steps[-1]}")
         loop |= {"export_steps": self.steps[:-1], "export_steps_dir": str(ref_dir)}
-        fit_job(job, tokens, self.stage_dir / RAY, loop)
+        fit_job(job, tokens, self.stage_dir / RAY, loop, stage="dynamics")
         log.info("dynamics: reference run done in %.1f s", time.time() - t0)
 
     # ------------------------------------------------------------------------- scoring

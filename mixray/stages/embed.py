@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mixray.console import StageBar, stage_bar
 from mixray.contracts import EMBEDDINGS, EXAMPLES
 from mixray.errors import InputError
 from mixray.io.embeddings import embedding_array, embedding_schema
@@ -74,8 +75,9 @@ class Embed(Stage):
         ds = read_examples(str(examples), list(TEXT_COLUMNS), cfg.batch_size)
         batches = map_with_actors(ds, ENCODERS[cfg.encoder], encoder_kwargs(cfg), cfg, "embed")
         t0 = time.time()
-        n_out, d = self._write(batches.iter_batches(batch_size=None, batch_format="numpy"),
-                               out.path(EMBEDDINGS))
+        with stage_bar("embed", n_in) as bar:
+            n_out, d = self._write(batches.iter_batches(batch_size=None, batch_format="numpy"),
+                                   out.path(EMBEDDINGS), bar)
         if n_out != n_in:
             raise InputError(f"embed: {n_in} examples in but {n_out} embeddings out")
         secs = max(time.time() - t0, 1e-9)
@@ -84,7 +86,7 @@ class Embed(Stage):
         log.info("embed: %d examples -> %d x %d embeddings in %.1f s (%.0f/s)", n_in, n_out, d,
                  secs, n_out / secs)
 
-    def _write(self, batches, path: Path) -> tuple[int, int]:
+    def _write(self, batches, path: Path, bar: StageBar) -> tuple[int, int]:
         """Stream the encoder's batches into ``path``; returns (rows, width)."""
         cfg = self.section
         writer, n_out, d = None, 0, 0
@@ -99,6 +101,7 @@ class Embed(Stage):
             writer.write_table(pa.table({"id": pa.array(batch["id"].tolist(), pa.string()),
                                          "embedding": embedding_array(emb)}, schema=schema))
             n_out += len(emb)
+            bar.update(len(emb))
         if writer is None:
             raise InputError(f"embed: {EXAMPLES.path(self.run_dir)} has no rows")
         writer.close()

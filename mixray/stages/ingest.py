@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mixray.config import HeldoutConfig, IngestConfig, SourceConfig
+from mixray.console import stage_bar
 from mixray.contracts import DUPLICATES, EXAMPLES, HELDOUT, REJECTS, in_eval_split
 from mixray.errors import InputError
 from mixray.io.readers import read_source, resolve_path
@@ -223,14 +224,16 @@ class Ingest(Stage):
         occurrences: Counter = Counter()
         per_source = {}
         try:
-            for src in cfg.sources:
-                c = _ingest_source(src, self.paths[src.name], split, *writers[1:], seen, occurrences,
-                                   cfg.drop_duplicates)
-                per_source[src.name] = c
-                if c["in"] == 0:
-                    log.warning("ingest: source %s (%s) has no record", src.name, self.paths[src.name])
-                log.info("ingest: %-14s in=%d = kept %d + rejected %d %s", src.name, c["in"],
-                         c["kept"], c["rejected"], c["reasons"] or "")
+            with stage_bar("ingest", len(cfg.sources), unit="sources") as bar:
+                for src in cfg.sources:
+                    c = _ingest_source(src, self.paths[src.name], split, *writers[1:], seen, occurrences,
+                                       cfg.drop_duplicates)
+                    per_source[src.name] = c
+                    if c["in"] == 0:
+                        log.warning("ingest: source %s (%s) has no record", src.name, self.paths[src.name])
+                    log.info("ingest: %-14s in=%d = kept %d + rejected %d %s", src.name, c["in"],
+                             c["kept"], c["rejected"], c["reasons"] or "")
+                    bar.update()
         finally:
             for w in (*writers, held) if held else writers:
                 w.close()

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mixray.config import RayConfig, ScoreConfig
+from mixray.console import stage_bar
 from mixray.contracts import EXAMPLES, QUALITY, SCORE_REJECT_SCHEMA, SCORE_REJECTS
 from mixray.errors import ConfigError, InputError
 from mixray.io.rundir import write_table
@@ -86,10 +87,13 @@ def _model_scores(cfg: ScoreConfig, ray_cfg: RayConfig, examples: Path, seed: in
         kwargs["label_index"] = cfg.label_index
     out = map_with_actors(ds, SCORERS[cfg.backend], kwargs, cfg, "score")
     parts = []
-    for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-        cols = {"id": pa.array(batch["id"].tolist(), pa.string())}
-        cols |= {k: pa.array(np.asarray(v, dtype=np.float64)) for k, v in batch.items() if k != "id"}
-        parts.append(pa.table(cols))
+    total = len(rows) if rows is not None else pq.ParquetFile(examples).metadata.num_rows
+    with stage_bar("score", total) as bar:
+        for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+            cols = {"id": pa.array(batch["id"].tolist(), pa.string())}
+            cols |= {k: pa.array(np.asarray(v, dtype=np.float64)) for k, v in batch.items() if k != "id"}
+            parts.append(pa.table(cols))
+            bar.update(len(batch["id"]))
     if not parts:
         raise InputError(f"score: {examples} has no rows")
     return pa.concat_tables(parts)

@@ -46,6 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mixray.config import SelectConfig
+from mixray.console import stage_bar
 from mixray.contracts import (
     EMBEDDINGS,
     EXAMPLES,
@@ -447,11 +448,13 @@ class Select(Stage):
         log.info("select[%s/%s]: N=%d, d=%d, K=%d, alpha=%s, distributed=%s", cfg.method,
                  cfg.optimizer, len(ids), x.shape[1], cfg.k, cfg.alphas, cfg.distributed)
         summaries, main = [], None
-        for alpha in cfg.alphas:
-            with config_section("select"):
-                res = select_one(cfg, alpha, x, q, seed, ckpt)
-            summaries.append(self._write_selection(out, ids, q, res, alpha))
-            main = main or res
+        with stage_bar("select", len(cfg.alphas), unit="alphas") as bar:
+            for alpha in cfg.alphas:
+                with config_section("select"):
+                    res = select_one(cfg, alpha, x, q, seed, ckpt)
+                summaries.append(self._write_selection(out, ids, q, res, alpha))
+                main = main or res
+                bar.update()
         n_sel = write_selected_jsonl(EXAMPLES.path(self.run_dir), ids[main["ranking"]].tolist(),
                                      out.path(SELECTED))
         if len(cfg.alphas) > 1:

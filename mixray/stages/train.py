@@ -48,6 +48,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mixray.config import RayConfig, TrainConfig, section_hash
+from mixray.console import follow, stage_bar, verbose
 from mixray.contracts import (
     CONFIDENCE,
     EXAMPLES,
@@ -61,10 +62,10 @@ from mixray.contracts import (
 )
 from mixray.errors import ConfigError, InputError
 from mixray.io.rundir import completed_output, file_sha256, fingerprint, output_hash, write_table
-from mixray.models.registry import check_model
+from mixray.models.registry import check_model, worker_model_ref
 from mixray.schema import EXAMPLE_SCHEMA
 from mixray.stages.runner import Outputs, Stage
-from mixray.training.metrics import plot_loss_curves, read_metrics
+from mixray.training.metrics import last_step, plot_loss_curves, read_metrics
 
 log = logging.getLogger("mixray.train")
 
@@ -371,8 +372,12 @@ def _worker_resources(cfg: TrainConfig, ray_cfg: RayConfig) -> tuple[bool, dict[
 
 # ----------------------------------------------------------------------------- tokenizing (Ray Data)
 
-def tokenize_rows(table: pa.Table, cfg: TrainConfig, model_path: str) -> pa.Table:
-    """Token ids of both sides of every row, by a Ray Data actor pool; rows in ``row`` order."""
+def tokenize_rows(table: pa.Table, cfg: TrainConfig, model: str | None = None) -> pa.Table:
+    """Token ids of both sides of every row, by a Ray Data actor pool; rows in ``row`` order.
+
+    ``model`` (default ``train.model``): a directory or an offline alias, which the
+    actors resolve on their own nodes (``worker_model_ref``).
+    """
     import ray
 
     from mixray.models.sft import SFTEncoder
@@ -380,7 +385,8 @@ def tokenize_rows(table: pa.Table, cfg: TrainConfig, model_path: str) -> pa.Tabl
     batch = 256
     ds = ray.data.from_arrow(table).repartition(target_num_rows_per_block=batch)
     ds = ds.map_batches(
-        SFTEncoder, fn_constructor_kwargs={"model_path": model_path, "max_length": cfg.max_length,
+        SFTEncoder, fn_constructor_kwargs={"model_path": worker_model_ref(model or cfg.model),
+                                           "max_length": cfg.max_length,
                                            "trust_remote_code": cfg.trust_remote_code},
         batch_size=batch, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.tokenize_concurrency), num_cpus=1)
@@ -430,7 +436,7 @@ class TrainingJob:
             lora = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
                     "target_modules": list(cfg.lora.target_modules)}
         return {
-            "run_name": self.run_name, "model_path": self.model_path,
+            "run_name": self.run_name, "model_path": worker_model_ref(cfg.model),
             "trust_remote_code": cfg.trust_remote_code, "loss": cfg.loss, "seed": self.seed,
             "pad_id": self.pad_id, "micro_batch_size": cfg.micro_batch_size, "grad_accum": cfg.accumulation,
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
@@ -503,11 +509,13 @@ def rank_datasets(tokens: pa.Table, num_workers: int, prefix: str = "train_") ->
             for r in range(num_workers)}
 
 
-def fit_job(job: TrainingJob, tokens: pa.Table, storage: Path, loop_config: dict[str, Any]):
+def fit_job(job: TrainingJob, tokens: pa.Table, storage: Path, loop_config: dict[str, Any],
+            stage: str = "train"):
     """Train ``job`` on its tokenized rows with ``fit`` (Ray Train); returns the ``Result``.
 
     ``loop_config``: ``job.loop_config(...)`` plus any optional loop keys (``export_steps``).
     The run is named ``job.run_name`` under ``storage``: re-running the same job resumes it.
+    The console shows one bar for ``stage`` that follows the steps rank 0 logs.
     Fails unless the final export (``loop_config["export_dir"]``) holds a model.
     """
     import ray
@@ -515,12 +523,16 @@ def fit_job(job: TrainingJob, tokens: pa.Table, storage: Path, loop_config: dict
     from mixray.training.loop import fit
 
     cfg = job.cfg
+    metrics_csv = Path(loop_config["log_dir"]) / "metrics.csv"
     ctx = ray.data.DataContext.get_current()
     bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # no bar per worker per epoch
     try:
-        result = fit(loop_config, rank_datasets(tokens, cfg.num_workers), num_workers=cfg.num_workers,
-                     use_gpu=job.use_gpu, resources_per_worker=job.resources, storage_path=str(storage),
-                     name=job.run_name, max_failures=cfg.max_failures, keep_checkpoints=cfg.keep_checkpoints)
+        with stage_bar(stage, job.total_steps, unit="steps") as bar, \
+                follow(bar, lambda: last_step(metrics_csv)):
+            result = fit(loop_config, rank_datasets(tokens, cfg.num_workers), num_workers=cfg.num_workers,
+                         use_gpu=job.use_gpu, resources_per_worker=job.resources, storage_path=str(storage),
+                         name=job.run_name, max_failures=cfg.max_failures, keep_checkpoints=cfg.keep_checkpoints,
+                         log_level="INFO" if verbose() else "WARNING")
     finally:
         ctx.enable_progress_bars = bars
     export_dir = Path(loop_config["export_dir"])
@@ -559,7 +571,7 @@ class Train(Stage):
     def run(self, out: Outputs) -> None:
         cfg, job = self.section, resolve_job(self.job, self.cfg.ray)
         t0 = time.time()
-        tokens = tokenize_rows(job.rows, cfg, job.model_path)
+        tokens = tokenize_rows(job.rows, cfg)
         n_trunc = int(np.count_nonzero(tokens.column("truncated").to_numpy()))
         if n_trunc:
             log.warning("train: %d of %d rows were cut to max_length=%d tokens", n_trunc, len(tokens),

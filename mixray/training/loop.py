@@ -33,7 +33,8 @@ from mixray.errors import TrainingConfigError
 
 log = logging.getLogger("mixray.train")
 
-# Required keys of the loop config (all plain JSON values).
+# Required keys of the loop config (all plain JSON values). ``model_path``: a model directory
+# (the same path on every node) or an offline alias, which each worker resolves on its node.
 LOOP_KEYS = (
     "run_name", "model_path", "trust_remote_code", "loss", "seed", "pad_id",
     "micro_batch_size", "grad_accum", "steps_per_epoch", "total_steps", "warmup_steps",
@@ -78,6 +79,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The per-worker training loop (see the module docstring)."""
     import ray.train
 
+    from mixray.models.registry import resolve_model
     from mixray.training.checkpoints import resume_step
     from mixray.training.engines import make_engine, setup_worker, worker_device
     from mixray.training.export import export
@@ -85,6 +87,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from mixray.training.objectives import make_objective
 
     config = check_loop_config(config)
+    # an offline alias is resolved here, on this worker's node (its $MIXRAY_CACHE), not on the driver's
+    config["model_path"] = resolve_model(config["model_path"], "train.model")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     setup_worker(config)
@@ -278,8 +282,12 @@ def fit(
     name: str,
     max_failures: int,
     keep_checkpoints: int,
+    log_level: str = "INFO",
 ):
     """Run ``train_loop_per_worker`` on a ``TorchTrainer``; returns the Ray Train ``Result``.
+
+    ``log_level``: of Ray Train's own lines on the console (its controller and workers);
+    its log files keep everything.
 
     A run with the same ``name`` under ``storage_path`` resumes from its newest
     checkpoint that verifies (``mixray.training.checkpoints``), as does a worker group
@@ -289,7 +297,14 @@ def fit(
     only its own): the shard assignment is the pure sampler's, not Ray's.
     """
     loop_config = check_loop_config(loop_config)
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from mixray.io.checkpoints import checkpoint_key
@@ -307,7 +322,8 @@ def fit(
         run_config=RunConfig(
             name=name, storage_path=storage_path,
             failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints)),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+            logging_config=LoggingConfig(log_level=log_level)),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -78,6 +78,23 @@ class MetricsLog:
         self._f.close()
 
 
+def last_step(path: Path) -> int:
+    """The step of the last complete row of a metrics file (0 when it has none yet): how far a
+    running training is, for the driver's progress bar. Reads the file's tail only."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 4096))
+            lines = f.read().decode("utf-8", "replace").split("\n")
+    except OSError:
+        return 0
+    for line in reversed(lines[1:-1]):  # [0] may be cut; [-1] is "" or a row still being written
+        head = line.split(",", 1)[0]
+        if head.isdigit():
+            return int(head)
+    return 0
+
+
 def read_metrics(path: Path) -> list[dict[str, float]]:
     """The curve of a run: for each step, the row of the last attempt that reached it."""
     with open(path, newline="") as f:

@@ -21,9 +21,6 @@ def _write(tmp_path: Path, data: dict) -> Path:
 
 
 BASE = {"ingest": {"sources": [{"name": "s", "path": "x.jsonl"}]}}
-# Recipes of a paper's setting: they need a GPU cluster, the paper's model and data (not shipped), so
-# they are validated by their own tests below, not run and not held to "everything ships offline".
-CLUSTER_RECIPES = {"sftmix_llama8b.yaml"}
 
 
 def test_unknown_keys_are_named_all_at_once(tmp_path):
@@ -86,7 +83,7 @@ def test_validate_cli_reports_problems_and_exit_codes(tmp_path, capsys):
 def test_shipped_configs_validate(capsys, tmp_path, monkeypatch):
     """Every YAML in configs/ is a valid config (files and models exist), from any directory."""
     monkeypatch.chdir(tmp_path)
-    configs = sorted(c for c in (ROOT / "configs").glob("*.yaml") if c.name not in CLUSTER_RECIPES)
+    configs = sorted(c for c in (ROOT / "configs").glob("*.yaml"))
     assert configs
     for c in configs:
         assert main(["validate", str(c)]) == 0, capsys.readouterr().err
@@ -140,7 +137,7 @@ def test_shipped_configs_need_nothing_beside_the_repository(tmp_path, monkeypatc
     from mixray.io.readers import resolve_path
 
     monkeypatch.chdir(tmp_path)
-    shipped = sorted(c for c in (ROOT / "configs").glob("*.yaml") if c.name not in CLUSTER_RECIPES)
+    shipped = sorted(c for c in (ROOT / "configs").glob("*.yaml"))
     assert {p.name for p in shipped} >= {"demo.yaml", "mdit.yaml", "train_demo.yaml", "sftmix.yaml"}
     for p in shipped:
         for src in load_config(p).ingest.sources:
@@ -203,13 +200,13 @@ def test_a_boolean_is_not_a_zero_stage(tmp_path):
 
 
 def test_sftmix_llama8b_holds_the_papers_settings(capsys, tmp_path, monkeypatch):
-    """configs/sftmix_llama8b.yaml (not run): SFTMix's section 4.1 setting, a DeepSpeed ZeRO-3 config
+    """configs/paper/sftmix_llama8b.yaml (not run): SFTMix's section 4.1 setting, a DeepSpeed ZeRO-3 config
     that builds, and `mixray validate` asks only for what a user must bring (the data, the model)."""
     from mixray.stages.train import TrainingJob, _read_template
     from mixray.training.deepspeed_config import build_deepspeed_config
 
     monkeypatch.chdir(tmp_path)
-    path = ROOT / "configs" / "sftmix_llama8b.yaml"
+    path = ROOT / "configs" / "paper" / "sftmix_llama8b.yaml"
     cfg = load_config(path)
     t = cfg.train
     assert cfg.stages == ["ingest", "dynamics", "train"] and t.model == "meta-llama/Llama-3.1-8B"
@@ -220,7 +217,7 @@ def test_sftmix_llama8b_holds_the_papers_settings(capsys, tmp_path, monkeypatch)
     assert cfg.dynamics.num_checkpoints == 5 and cfg.dynamics.num_gpus == 1
     ref = cfg.reference_train()  # the training dynamics of the same model, trained with NTP
     assert (ref.loss, ref.model, ref.lr, ref.epochs, ref.deepspeed.stage) == ("ntp", t.model, 2e-6, 3, 3)
-    assert cfg.ingest.sources[0].path == str(ROOT / "configs" / "data" / "alpaca_data.json")
+    assert cfg.ingest.sources[0].path == "/mnt/shared/data/alpaca_data.json"
     job = TrainingJob(t, 0, None, {}, {}, "", 1, 1, _read_template(t.deepspeed.config_file),
                       use_gpu=True, precision="bf16")
     ds = build_deepspeed_config(job.deepspeed_settings())

@@ -126,6 +126,17 @@ def test_missing_model_path(run_dir, tmp_path):
         plan_job(_cfg(model=str(tmp_path / "no-model")), run_dir)
 
 
+def test_workers_get_the_alias_not_the_drivers_cache_path(run_dir, tiny_lm_dir, tmp_path, monkeypatch):
+    """An offline alias travels as written (each worker resolves it on its own node); a model
+    directory travels as an absolute path (workers do not share the driver's cwd)."""
+    job = plan_job(_cfg(data="all"), run_dir)
+    job.model_path = "/driver/cache/models/SmolLM2-135M-Instruct.v2"  # what resolve_job would set
+    assert job.loop_config(tmp_path, tmp_path)["model_path"] == "SmolLM2-135M-Instruct"
+    monkeypatch.chdir(tiny_lm_dir.parent)
+    job = plan_job(_cfg(model=tiny_lm_dir.name, data="all"), run_dir)
+    assert job.loop_config(tmp_path, tmp_path)["model_path"] == str(tiny_lm_dir.resolve())
+
+
 def test_lora_target_the_model_lacks(tiny_lm_dir):
     check_lora_targets(str(tiny_lm_dir), ["q_proj", "v_proj", "down_proj"])
     with pytest.raises(ConfigError, match=r"\['c_attn'\] are not modules.*linear layers are \[.*'q_proj'"):
