@@ -31,10 +31,19 @@ CLUSTER_PLOTS = ("tsne", "pca", "none")
 
 # train (registry: mixray.training.objectives.OBJECTIVES)
 LOSSES = ("ntp", "mdit", "sftmix")
-TRAIN_DATA = ("auto", "all", "select", "cluster")
+TRAIN_DATA = ("auto", "all", "select", "cluster", "distilled")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRAIN_PRESETS = ("none", "sftmix", "mdit")
 ZERO_STAGES = (0, 1, 2, 3)
 
+# LM-Mixup (mixray.algorithms.lmmixup, .lmmixup_rewards)
+LMMIXUP_CLASS_METHODS = ("quantiles", "thresholds", "rating")
+LMMIXUP_DEGRADATIONS = ("truncate", "drop_sentences", "typos", "rewrite")
+LMMIXUP_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+LMMIXUP_QUALITY = ("knn-bayes", "reward-model")
+LMMIXUP_TASKS = ("qa",)
+LMMIXUP_DISTILLERS = ("auto", "grpo", "sft", "base")
+
 # the stages of a run, in run order (registry: mixray.stages.STAGES)
-STAGES = ("ingest", "embed", "score", "select", "mix", "cluster", "train")
+STAGES = ("ingest", "embed", "score", "imperfect", "mixture", "distill_sft", "distill_grpo", "distill",
+          "select", "mix", "cluster", "train")

@@ -55,6 +55,13 @@ def _validate(cfg) -> list[str]:
     checks.append(("score.model", cfg.score.model, "score" in cfg.stages and cfg.score.backend != "column"))
     checks.append(("mix.model", cfg.mix.model, "mix" in cfg.stages))
     checks.append(("train.model", cfg.train.model, "train" in cfg.stages))
+    lm = cfg.lmmixup
+    checks.append(("lmmixup.sft.model", lm.sft.model, "distill_sft" in cfg.stages))
+    checks.append(("lmmixup.grpo.model", lm.grpo.model or "", "distill_grpo" in cfg.stages and lm.grpo.model))
+    checks.append(("lmmixup.generate.base_model", lm.generate.base_model,
+                   "distill" in cfg.stages and lm.generate.distiller == "base"))
+    checks.append(("lmmixup.rewards.reward_model", lm.rewards.reward_model or "",
+                   bool({"distill_grpo", "distill"} & set(cfg.stages)) and bool(lm.rewards.reward_model)))
     for setting, name, used in checks:
         if used:
             try:

@@ -31,11 +31,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mixray.choices import LMMIXUP_CLASS_METHODS as CLASS_METHODS
+from mixray.choices import LMMIXUP_DEGRADATIONS as DEGRADATIONS
 from mixray.errors import ClusteringInputError, InputError
 
 N_CLASSES = 6  # quality classes 0..5
 LOW_QUALITY_BELOW = 4  # class < 4 is low quality (the authors' cut)
-CLASS_METHODS = ("quantiles", "thresholds", "rating")
 
 # ----------------------------------------------------------------------------- quality classes
 
@@ -308,7 +309,6 @@ def parse_output(output: str) -> Parsed:
 
 # ----------------------------------------------------------------------------- rule-based degradation
 
-DEGRADATIONS = ("truncate", "drop_sentences", "typos", "rewrite")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 _PREFIXES = ("Quick question: ", "Please tell me: ", "I was wondering: ", "Can you help? ", "Hi, ")
 _SWAPS = {"the": "teh", "and": "&", "you": "u", "are": "r", "with": "w/", "because": "cuz",

@@ -28,12 +28,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from mixray.algorithms.lmmixup import LOW_QUALITY_BELOW, N_CLASSES, THINK_ANSWER, answer_text
+from mixray.choices import LMMIXUP_AGGREGATIONS as AGGREGATIONS
 from mixray.errors import InputError
 
-TASK_PATTERNS = {"qa": re.compile(r"Q:.*A:", re.DOTALL)}
+TASK_PATTERNS = {"qa": re.compile(r"Q:.*A:", re.DOTALL)}  # keys: mixray.choices.LMMIXUP_TASKS
 REWARDS = ("quality", "alignment", "format")  # the order of weights and of R's columns
 DEFAULT_WEIGHTS = (0.5, 0.4, 0.1)
-AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 ADV_EPS = 1e-4
 
 

@@ -3,7 +3,8 @@
 ``SFTEncoder`` is a Ray Data batch callable (it knows nothing about Ray): its
 ``__init__`` loads the tokenizer, ``__call__`` maps a pyarrow batch of training
 rows (``instruction_a, input_a, output_a`` and, for an MDIT mix, the ``_b``
-side) to ``ids_a, prompt_a, ids_b, prompt_b, truncated``. A sequence is the
+side, and an optional ``system_a``: a system turn) to ``ids_a, prompt_a, ids_b, prompt_b,
+truncated``. A sequence is the
 prompt (``prompt_text``: the model's chat template with one user turn when it
 has one, the Alpaca template otherwise) followed by the response and the
 end-of-sequence token; ``prompt_*`` counts the prompt tokens, so the loss
@@ -23,11 +24,12 @@ __all__ = ["SFTEncoder", "encode_example", "load_tokenizer"]
 TOKEN_COLUMNS = ("ids_a", "prompt_a", "ids_b", "prompt_b", "truncated")
 
 
-def encode_example(tok, instruction: str, input_: str, output: str, max_length: int) -> tuple[list[int], int, bool]:
+def encode_example(tok, instruction: str, input_: str, output: str, max_length: int,
+                   system: str | None = None) -> tuple[list[int], int, bool]:
     """One example -> ``(ids, n_prompt, truncated)`` with ``ids = prompt + response + [eos]``."""
     # A chat template spells out its own special tokens; the Alpaca text gets the tokenizer's BOS.
     special = not getattr(tok, "chat_template", None)
-    prompt = tok(prompt_text(tok, instruction, input_), add_special_tokens=special)["input_ids"]
+    prompt = tok(prompt_text(tok, instruction, input_, system), add_special_tokens=special)["input_ids"]
     response = tok(output, add_special_tokens=False)["input_ids"]
     if tok.eos_token_id is not None:
         response = response + [tok.eos_token_id]
@@ -47,7 +49,8 @@ class SFTEncoder:
         out = {k: [] for k in TOKEN_COLUMNS}
         for i in range(batch.num_rows):
             ids, n_p, cut = encode_example(self.tok, cols["instruction_a"][i], cols["input_a"][i],
-                                           cols["output_a"][i], self.max_length)
+                                           cols["output_a"][i], self.max_length,
+                                           cols["system_a"][i] if "system_a" in cols else None)
             out["ids_a"].append(ids)
             out["prompt_a"].append(n_p)
             n_cut = int(cut)
@@ -61,7 +64,7 @@ class SFTEncoder:
             out["prompt_b"].append(n_p)
             out["truncated"].append(n_cut)
         keep = [c for c in batch.column_names if c not in TOKEN_COLUMNS and not c.startswith(
-            ("instruction_", "input_", "output_"))]
+            ("instruction_", "input_", "output_", "system_"))]
         table = batch.select(keep)
         for name, typ in (("ids_a", pa.list_(pa.int32())), ("prompt_a", pa.int32()),
                           ("ids_b", pa.list_(pa.int32())), ("prompt_b", pa.int32()),
