@@ -14,48 +14,19 @@ import math
 import numpy as np
 import pyarrow as pa
 import torch
+from lmmixup_data import CLUSTERS, TARGETS, taught_distiller
 from safetensors.torch import load_file
 
-from mixray.algorithms.lmmixup import distill_messages, target_text
+from mixray.algorithms.lmmixup import distill_messages
 from mixray.algorithms.lmmixup_rewards import transition_matrix
-from mixray.models.distill import chat_prompt
-from mixray.models.sft import load_tokenizer
 from mixray.training.grpo import GRPO_COLUMNS, grpo_deepspeed_config, grpo_loop_per_worker
 from mixray.training.loop import fit
-
-CLUSTERS = [[("What is 2+2?", "4"), ("2 plus 2?", "four")],
-            [("Capital of France?", "Paris"), ("France capital city", "paris")]]
-TARGETS = [("What is 2 + 2?", "4"), ("What is the capital of France?", "Paris")]
-
-
-def _taught_model(tiny_lm_dir, out):
-    """The tiny Llama after 40 Adam steps on the two (prompt -> target) sequences."""
-    from transformers import AutoModelForCausalLM
-
-    tok = load_tokenizer(str(tiny_lm_dir))
-    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32)
-    torch.manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    seqs = []
-    for members, (q, a) in zip(CLUSTERS, TARGETS, strict=True):
-        prompt = chat_prompt(tok, distill_messages(members)[1]["content"])
-        seqs.append(tok(prompt + target_text(q, a, "same question") + tok.eos_token,
-                        add_special_tokens=False, return_tensors="pt")["input_ids"])
-    for _ in range(40):
-        for ids in seqs:
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def test_grpo_two_workers_zero2(ray_session, tiny_lm_dir, tmp_path):
     from mixray.models.registry import resolve_model
 
-    model_dir = _taught_model(tiny_lm_dir, tmp_path / "distiller")
+    model_dir = taught_distiller(tiny_lm_dir, tmp_path / "distiller")
     rng = np.random.default_rng(0)
     lib = rng.normal(size=(40, 384)).astype(np.float32)
     lib /= np.linalg.norm(lib, axis=1, keepdims=True)

@@ -1,0 +1,37 @@
+"""A tiny distiller for the LM-Mixup tests: the tiny random Llama taught (a few plain torch steps, no
+Ray) to answer the distiller's prompt in the required format, so its generations parse and its
+GRPO rewards vary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CLUSTERS = [[("What is 2+2?", "4"), ("2 plus 2?", "four")],
+            [("Capital of France?", "Paris"), ("France capital city", "paris")]]
+TARGETS = [("What is 2 + 2?", "4"), ("What is the capital of France?", "Paris")]
+
+
+def taught_distiller(tiny_lm_dir: Path, out: Path, steps: int = 40) -> Path:
+    """The tiny Llama after ``steps`` Adam steps on the two (cluster prompt -> target) sequences."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mixray.algorithms.lmmixup import cluster_prompt, target_text
+    from mixray.models.distill import chat_prompt
+    from mixray.models.sft import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_lm_dir))
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    seqs = [tok(chat_prompt(tok, cluster_prompt(m)) + target_text(q, a, "same question") + tok.eos_token,
+                add_special_tokens=False, return_tensors="pt")["input_ids"]
+            for m, (q, a) in zip(CLUSTERS, TARGETS, strict=True)]
+    for _ in range(steps):
+        for ids in seqs:
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
