@@ -173,12 +173,29 @@ def latest_checkpoint(output_dir: Path) -> str | None:
     return str(ckpts[-1]) if ckpts else None
 
 
+def build_grpo_trainer(config: dict[str, Any], data, rank: int, world: int):
+    """TRL's trainer (with the three rewards and the metrics callback) for ``config`` on ``data``
+    (a ``datasets.Dataset`` of ``prompt`` + ``reference``); the same in a Ray Train worker and in
+    a plain process (``benchmarks/bench_grpo.py``)."""
+    from mixray.models.distill import DistillRewards
+    from mixray.models.sft import load_tokenizer
+
+    rewards = DistillRewards(config["encoder_path"], config["library_path"], k=config["knn_k"],
+                             good_class=config["good_class"], task=config["task"],
+                             alignment_threshold=config["alignment_threshold"],
+                             reward_model=config["reward_model"],
+                             reward_threshold=config["reward_threshold"], threads=config["threads"])
+    return make_trainer_class()(
+        model=config["model_path"], reward_funcs=rewards.functions(), args=grpo_args(config, world),
+        train_dataset=data, processing_class=load_tokenizer(config["model_path"]),
+        callbacks=[metrics_callback(Path(config["log_dir"]), rank)])
+
+
 def grpo_loop_per_worker(config: dict[str, Any]) -> None:
     """The per-worker GRPO loop (see the module docstring)."""
     import ray.train
     from datasets import Dataset
 
-    from mixray.models.distill import DistillRewards
     from mixray.models.sft import load_tokenizer
     from mixray.training.engines import setup_worker
 
@@ -188,15 +205,7 @@ def grpo_loop_per_worker(config: dict[str, Any]) -> None:
     setup_worker(config)  # DS_ACCELERATOR=cpu, threads, no shm-comm compile
     rows = list(ray.train.get_dataset_shard("grpo").iter_rows())
     data = Dataset.from_list([{"prompt": list(r["prompt"]), "reference": r["reference"]} for r in rows])
-    rewards = DistillRewards(config["encoder_path"], config["library_path"], k=config["knn_k"],
-                             good_class=config["good_class"], task=config["task"],
-                             alignment_threshold=config["alignment_threshold"],
-                             reward_model=config["reward_model"],
-                             reward_threshold=config["reward_threshold"], threads=config["threads"])
-    trainer = make_trainer_class()(
-        model=config["model_path"], reward_funcs=rewards.functions(), args=grpo_args(config, world),
-        train_dataset=data, processing_class=load_tokenizer(config["model_path"]),
-        callbacks=[metrics_callback(Path(config["log_dir"]), rank)])
+    trainer = build_grpo_trainer(config, data, rank, world)
     resume = latest_checkpoint(Path(config["output_dir"]))
     if rank == 0:
         log.info("grpo: %d prompts, G=%d, %d workers, %s", len(data), config["num_generations"], world,
