@@ -11,8 +11,13 @@ CLUSTERS = [[("What is 2+2?", "4"), ("2 plus 2?", "four")],
 TARGETS = [("What is 2 + 2?", "4"), ("What is the capital of France?", "Paris")]
 
 
-def taught_distiller(tiny_lm_dir: Path, out: Path, steps: int = 40) -> Path:
-    """The tiny Llama after ``steps`` Adam steps on the two (cluster prompt -> target) sequences."""
+def taught_distiller(tiny_lm_dir: Path, out: Path, steps: int = 40, prompts: list[str] | None = None) -> Path:
+    """The tiny Llama after ``steps`` Adam passes over (cluster prompt -> target) sequences.
+
+    Default: the two ``CLUSTERS`` -> their ``TARGETS`` (loss on the whole sequence). With
+    ``prompts`` (user turns, e.g. a run's real clusters): each -> the first target, the loss
+    on the target only, so the model answers any such prompt in the format.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -24,12 +29,21 @@ def taught_distiller(tiny_lm_dir: Path, out: Path, steps: int = 40) -> Path:
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32)
     torch.manual_seed(0)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    seqs = [tok(chat_prompt(tok, cluster_prompt(m)) + target_text(q, a, "same question") + tok.eos_token,
-                add_special_tokens=False, return_tensors="pt")["input_ids"]
-            for m, (q, a) in zip(CLUSTERS, TARGETS, strict=True)]
+    pairs = [(cluster_prompt(m), target_text(q, a, "same question"))
+             for m, (q, a) in zip(CLUSTERS, TARGETS, strict=True)] if prompts is None else \
+        [(p, target_text(*TARGETS[0], "same question")) for p in prompts]
+    batches = []
+    for prompt, target in pairs:
+        head = tok(chat_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+        tail = tok(target + tok.eos_token, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([head + tail])
+        labels = ids.clone()
+        if prompts is not None:
+            labels[0, : len(head)] = -100
+        batches.append((ids, labels))
     for _ in range(steps):
-        for ids in seqs:
-            model(input_ids=ids, labels=ids).loss.backward()
+        for ids, labels in batches:
+            model(input_ids=ids, labels=labels).loss.backward()
             opt.step()
             opt.zero_grad()
     model.save_pretrained(out)

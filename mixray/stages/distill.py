@@ -24,6 +24,7 @@ import logging
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mixray.contracts import (
@@ -217,7 +218,7 @@ class Distill(Stage):
     def _merge(self, table: pa.Table) -> pa.Table:
         """Top N kept distillations (by rank) + the high-quality originals, in the example schema."""
         s = self.section
-        t = table.filter(pa.compute.is_valid(table.column("rank"))).sort_by("rank").slice(0, s.merge.top_n)
+        t = table.filter(pc.is_valid(table.column("rank"))).sort_by("rank").slice(0, s.merge.top_n)
         n = t.num_rows
         distilled = pa.table({"id": t.column("id"), "source": pa.array(["lmmixup"] * n, pa.string()),
                               "task": pa.array(["distilled"] * n, pa.string()),
@@ -228,7 +229,7 @@ class Distill(Stage):
         if not s.merge.high_quality:
             return distilled
         cls = pq.read_table(QUALITY_CLASSES.path(self.run_dir), columns=["id", "score", "class"])
-        cls = cls.filter(pa.compute.greater_equal(cls.column("class"), s.classes.low_below))
+        cls = cls.filter(pc.greater_equal(cls.column("class"), s.classes.low_below))
         cls = cls.sort_by([("score", "descending")])
         if s.merge.high_quality_limit is not None:
             cls = cls.slice(0, s.merge.high_quality_limit)

@@ -23,14 +23,14 @@ from mixray.io.embeddings import embedding_array, embedding_schema
 from mixray.stages import run_stage
 from mixray.stages.imperfect import check_lmmixup_embeddings
 
-LIMIT = 20  # per source: 60 examples, 10 per quality class
+LIMIT = 20  # per source: 60 examples
 
 
 def _cfg(run_dir: Path, tiny: Path, distiller: Path | None = None, **lm) -> RunConfig:
     lmmixup = {"clusters": {"max_member_chars": 200},
                "mixture": {"targets": 6, "max_target_chars": 5000, "files": lm.pop("files", [])},
                "generate": {"distiller": "base", "base_model": str(distiller or tiny), "threads": 1,
-                            "batch_size": 8, "max_new_tokens": 40}}
+                            "batch_size": 8, "max_new_tokens": 48}}
     for k, v in lm.items():
         lmmixup[k] = lmmixup.get(k, {}) | v
     return RunConfig.model_validate({
@@ -54,7 +54,13 @@ def test_imperfect_classes_and_capacity_clusters(run):
     cfg, run_dir = run
     classes = pq.read_table(run_dir / "imperfect" / "classes.parquet").to_pandas()
     assert len(classes) == 3 * LIMIT
-    assert np.bincount(classes["class"], minlength=6).tolist() == [10] * 6  # quantile classes
+    q = pq.read_table(run_dir / "score" / "quality.parquet").to_pandas().set_index("id")
+    assert (classes["score"].to_numpy() == q.loc[classes["id"], "score"].to_numpy()).all()
+    # quantile classes: monotone in the score; a score on a cut point goes up (ties share a class)
+    cuts = np.quantile(classes["score"], np.arange(1, 6) / 6)
+    assert (classes["class"] == np.searchsorted(cuts, classes["score"], side="right")).all()
+    by_score = classes.sort_values("score")
+    assert by_score["class"].is_monotonic_increasing and classes["class"].max() <= 5
     assert classes["low"].tolist() == (classes["class"] < 4).tolist()
     clusters = pq.read_table(run_dir / "imperfect" / "clusters.parquet").to_pandas()
     members = [m for ms in clusters["member_ids"] for m in ms]
@@ -98,7 +104,8 @@ def test_mixture_from_degraded_examples_and_a_mixture_file(run, tmp_path):
 
 def test_distill_generates_parses_rescores_and_merges(run, tmp_path, tiny_lm_dir):
     cfg, run_dir = run
-    distiller = taught_distiller(tiny_lm_dir, tmp_path / "distiller")
+    prompts = pq.read_table(run_dir / "imperfect" / "clusters.parquet").column("prompt").to_pylist()
+    distiller = taught_distiller(tiny_lm_dir, tmp_path / "distiller", steps=15, prompts=prompts)
     cfg2 = _cfg(run_dir, tiny_lm_dir, distiller, generate={"concurrency": 2})
     m = run_stage("distill", cfg2, run_dir)
     c = m["counts"]
