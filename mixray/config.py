@@ -493,6 +493,7 @@ class LMGRPOSettings(_Strict):
     threads: int | None = Field(default=None, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto: bf16 on GPUs, else fp32")
     max_failures: int = Field(default=1, ge=0)
 
     @model_validator(mode="after")

@@ -14,13 +14,18 @@
    the high-quality originals (``merge.high_quality``) -> ``merged.parquet`` in the example
    schema (``train.data: distilled``, or an ingest source of another run for ``select``).
 
-Counts: ``clusters = kept + not_kept + rejected``.
+Counts: ``clusters = kept + not_kept + rejected``. Resume: every finished generation batch
+is written to ``distill/generated/<run>/`` at once; a killed run generates only the clusters
+not there yet (same config and inputs); the parts are removed when the stage completes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -128,27 +133,50 @@ class Distill(Stage):
                  "merged %d rows", clusters.num_rows, table.num_rows, rejects.num_rows,
                  out.extra["reject_reasons"], kept, merged.num_rows)
 
+    @property
+    def _parts(self) -> Path:
+        """Where finished generation batches wait for the rest (the resume point of a killed run)."""
+        return self.stage_dir / "generated" / f"run-{self.fingerprint[:12]}"
+
+    def reset(self) -> None:
+        shutil.rmtree(self.stage_dir / "generated", ignore_errors=True)
+
+    finished = reset  # the parts only serve a resume
+
     def _generate(self, clusters: pa.Table) -> dict[int, str]:
-        """Cluster -> generated text, over a Ray Data actor pool."""
+        """Cluster -> generated text, over a Ray Data actor pool; every finished batch is kept
+        in ``generated/`` at once, and a re-run after a kill generates only the rest."""
         import ray
 
         from mixray.distributed.pipeline import map_with_actors
         from mixray.models.distill import DistillGenerator
         from mixray.models.registry import resolve_model
 
-        g = self.section.generate
-        model = resolve_model(self.model, "lmmixup.generate.base_model")
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True
-        t = clusters.select(["cluster", "prompt"])
-        refs = [ray.put(t.slice(s, g.batch_size)) for s in range(0, t.num_rows, g.batch_size)]
-        kw = {"model_path": model, "max_new_tokens": g.max_new_tokens, "temperature": g.temperature,
-              "top_p": g.top_p, "micro_batch": g.micro_batch, "max_prompt_length": g.max_prompt_length,
-              "seed": self.cfg.seed}
-        out = map_with_actors(ray.data.from_arrow_refs(refs), DistillGenerator, kw, g, "lmmixup.generate")
+        g, parts = self.section.generate, self._parts
         texts: dict[int, str] = {}
+        for f in sorted(parts.glob("part-*.parquet")):
+            t = pq.read_table(f)
+            texts |= dict(zip(t.column("cluster").to_pylist(), t.column("output").to_pylist(), strict=True))
+        t = clusters.select(["cluster", "prompt"])
+        t = t.filter(pa.array([c not in texts for c in t.column("cluster").to_pylist()], pa.bool_()))
+        if texts:
+            log.info("distill: resuming: %d clusters generated before, %d to go", len(texts), t.num_rows)
+        if not t.num_rows:
+            return texts
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        refs = [ray.put(t.slice(s, g.batch_size)) for s in range(0, t.num_rows, g.batch_size)]
+        kw = {"model_path": resolve_model(self.model, "lmmixup.generate.base_model"),
+              "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
+              "micro_batch": g.micro_batch, "max_prompt_length": g.max_prompt_length, "seed": self.cfg.seed}
+        out = map_with_actors(ray.data.from_arrow_refs(refs), DistillGenerator, kw, g, "lmmixup.generate")
+        parts.mkdir(parents=True, exist_ok=True)
         for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-            texts |= dict(zip(batch["cluster"].tolist(), batch["output"].tolist(), strict=True))
+            got = dict(zip(batch["cluster"].tolist(), batch["output"].tolist(), strict=True))
+            part = pa.table({"cluster": pa.array(list(got), pa.int64()), "output": pa.array(list(got.values()))})
+            tmp = parts / f".part-{min(got)}.tmp"
+            pq.write_table(part, tmp)
+            os.replace(tmp, parts / f"part-{min(got)}.parquet")
+            texts |= got
         return texts
 
     def _parse(self, clusters: pa.Table, raw: dict[int, str]) -> tuple[dict, pa.Table]:

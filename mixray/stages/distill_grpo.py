@@ -178,6 +178,7 @@ class DistillGRPO(Stage):
         have = ray.cluster_resources()
         use_gpu = have.get("GPU", 0) >= 1 if g.use_gpu == "auto" else bool(g.use_gpu)
         res = dict(g.resources_per_worker or ({"CPU": 1.0, "GPU": 1.0} if use_gpu else {"CPU": 1.0}))
+        config["precision"] = "bf16" if (g.precision == "bf16" or (g.precision == "auto" and use_gpu)) else "fp32"
         ctx = ray.data.DataContext.get_current()
         bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False
         try:

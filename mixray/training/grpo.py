@@ -13,7 +13,8 @@ which accelerate picks up)::
     rank 0: metrics.csv + TensorBoard per logged step (per-reward means, reward, advantage spread)
     save the final model (Hugging Face format) to ``export_dir``
 
-Every setting arrives in ``config`` (``GRPO_KEYS``), a plain dict; the DeepSpeed dict
+Every setting arrives in ``config`` (``GRPO_KEYS``; optional ``precision``: ``bf16`` or
+``fp32``, the default), a plain dict; the DeepSpeed dict
 has ``"auto"`` for batch sizes, precision and clipping, which the HF integration fills
 from the ``GRPOConfig``. With ``beta > 0`` TRL loads the reference model from the
 model *path* (never an in-memory model), as it must under ZeRO.
@@ -84,7 +85,7 @@ def grpo_args(config: dict[str, Any], world: int):
         reward_weights=list(config["reward_weights"]), warmup_steps=float(config["warmup_ratio"]),
         max_grad_norm=config["max_grad_norm"], lr_scheduler_type="cosine",
         logging_steps=1, save_strategy="steps", save_steps=config["save_steps"], save_total_limit=2,
-        report_to=[], deepspeed=config["deepspeed"], bf16=False, fp16=False,
+        report_to=[], deepspeed=config["deepspeed"], bf16=config.get("precision") == "bf16", fp16=False,
         use_cpu=not _cuda(), disable_tqdm=True, dataloader_num_workers=0,
         gradient_checkpointing=False, remove_unused_columns=False, log_completions=False,
     )
