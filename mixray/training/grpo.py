@@ -204,6 +204,14 @@ def grpo_loop_per_worker(config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     world = ray.train.get_context().get_world_size()
     setup_worker(config)  # DS_ACCELERATOR=cpu, threads, no shm-comm compile
+    ds = config["deepspeed"]
+    if ds and ds["zero_optimization"]["stage"] == 3:
+        import deepspeed
+        import torch.distributed as dist
+
+        # ZeRO-3 partitions the model while it is built: DeepSpeed's comm must join Ray Train's
+        # process group before the trainer (and its zero.Init) exists
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
     rows = list(ray.train.get_dataset_shard("grpo").iter_rows())
     data = Dataset.from_list([{"prompt": list(r["prompt"]), "reference": r["reference"]} for r in rows])
     trainer = build_grpo_trainer(config, data, rank, world)
