@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup demo test lint bench bench-embed bench-select bench-kmeans bench-train bench-dynamics clean lock
+.PHONY: setup demo test lint bench bench-embed bench-select bench-kmeans bench-train bench-dynamics bench-generate bench-grpo clean lock
 
 setup: $(STAMP)
 
@@ -57,8 +57,14 @@ bench-kmeans: $(VENV)/.mixray-bench
 bench-dynamics: $(VENV)/.mixray-bench
 	$(BIN)/python benchmarks/bench_dynamics.py
 
+bench-generate: $(VENV)/.mixray-bench
+	$(BIN)/python benchmarks/bench_generate.py
+
+bench-grpo: $(VENV)/.mixray-bench
+	$(BIN)/python benchmarks/bench_grpo.py
+
 # Every benchmark, one after the other (about an hour on 2 cores; run on a quiet machine).
-bench: bench-embed bench-select bench-kmeans bench-train bench-dynamics
+bench: bench-embed bench-select bench-kmeans bench-train bench-dynamics bench-generate bench-grpo
 
 lock:
 	$(PIP) freeze --exclude-editable | grep -v '^mixray' | sed 's/+cpu//' > requirements/constraints-cpu.txt

@@ -36,7 +36,7 @@ CLUSTER_PLOTS = ("tsne", "pca", "none")
 
 # train (registry: mixray.training.objectives.OBJECTIVES)
 LOSSES = ("ntp", "mdit", "sftmix")
-TRAIN_DATA = ("auto", "all", "select", "cluster")
+TRAIN_DATA = ("auto", "all", "select", "cluster", "distilled")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRAIN_PRESETS = ("none", "sftmix", "mdit")
 SFTMIX_NORMALIZERS = ("shared", "separate")  # both SFTMix terms over one normaliser, or each over its own
@@ -46,7 +46,16 @@ ZERO_STAGES = (0, 1, 2, 3)
 BENCHMARK_KINDS = ("gsm8k", "multiple-choice")
 CONTAMINATION_ACTIONS = ("exclude", "fail")
 # the configs shipped in mixray/configs/ (`mixray init <recipe>`; mixray.recipes)
-RECIPES = ("demo", "train_demo", "mdit", "sftmix")
+RECIPES = ("demo", "train_demo", "mdit", "sftmix", "lmmixup")
+
+# LM-Mixup (mixray.algorithms.lmmixup, .lmmixup_rewards)
+LMMIXUP_CLASS_METHODS = ("quantiles", "thresholds", "rating")
+LMMIXUP_DEGRADATIONS = ("truncate", "drop_sentences", "typos", "rewrite")
+LMMIXUP_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+LMMIXUP_QUALITY = ("knn-bayes", "reward-model")
+LMMIXUP_TASKS = ("qa",)
+LMMIXUP_DISTILLERS = ("auto", "grpo", "sft", "base")
 
 # the stages of a run, in run order (registry: mixray.stages.STAGES)
-STAGES = ("ingest", "embed", "score", "select", "mix", "cluster", "dynamics", "train", "evaluate")
+STAGES = ("ingest", "embed", "score", "imperfect", "mixture", "distill_sft", "distill_grpo", "distill",
+          "select", "mix", "cluster", "dynamics", "train", "evaluate")

@@ -104,6 +104,13 @@ def _model_problems(cfg) -> list[str]:
     checks.append(("evaluate.judge.model", cfg.evaluate.judge.model, ev and cfg.evaluate.judge.model))
     checks.append(("evaluate.contamination.model", cfg.evaluate.contamination.model,
                    ev and cfg.evaluate.contamination.enabled))
+    lm = cfg.lmmixup
+    checks.append(("lmmixup.sft.model", lm.sft.model, "distill_sft" in cfg.stages))
+    checks.append(("lmmixup.grpo.model", lm.grpo.model or "", "distill_grpo" in cfg.stages and lm.grpo.model))
+    checks.append(("lmmixup.generate.base_model", lm.generate.base_model,
+                   "distill" in cfg.stages and lm.generate.distiller == "base"))
+    checks.append(("lmmixup.rewards.reward_model", lm.rewards.reward_model or "",
+                   bool({"distill_grpo", "distill"} & set(cfg.stages)) and bool(lm.rewards.reward_model)))
     problems = []
     for setting, name, used in checks:
         if used:

@@ -468,6 +468,190 @@ class DynamicsConfig(ActorPoolConfig):
 
 # train keys that do not carry over to the reference run of the dynamics stage
 _NOT_IN_REFERENCE = ("preset", "loss", "sftmix", "mdit", "fault_injection")
+class LMClassesSettings(_Strict):
+    """LM-Mixup's quality classes 0-5 from ``score/quality.parquet`` (methods.md §4)."""
+
+    method: Literal[choices.LMMIXUP_CLASS_METHODS] = Field(
+        default="quantiles", description="quantiles of the score | thresholds on it | rating "
+        "(an LLM rating 1-10: min(9, max(4, v)) - 4)")
+    cuts: list[float] | None = Field(
+        default=None, min_length=5, max_length=5, description="5 ascending quantile levels in (0, 1) "
+        "(default: six equal-count classes) or 5 ascending score thresholds (required for thresholds)")
+    low_below: int = Field(default=4, ge=1, le=5, description="class < low_below is low quality; "
+                           ">= it is high quality (the rewards' good class too)")
+
+    @model_validator(mode="after")
+    def _cuts(self) -> LMClassesSettings:
+        if self.method == "thresholds" and self.cuts is None:
+            raise ValueError("method: thresholds needs cuts (5 ascending score values)")
+        _only_for(self, "cuts", self.method != "rating", "method: quantiles or thresholds")
+        return self
+
+
+class LMClustersSettings(_Strict):
+    """Capacity-constrained clusters of the low-quality examples (sizes drawn from N(mean, std))."""
+
+    min_size: int = Field(default=2, ge=1)
+    max_size: int = Field(default=5, ge=1, description="the paper's runs: 2-20")
+    mean: float = Field(default=3.0, gt=0)
+    std: float = Field(default=1.0, ge=0)
+    max_iter: int = Field(default=100, ge=1, description="KMeans iterations")
+    top_centres: int = Field(default=8, ge=1, description="centres kept per point for the greedy fill")
+    distributed_above: int = Field(default=50_000, ge=1,
+                                   description="more low-quality points: KMeans over Ray actors")
+    concurrency: int = Field(default=2, ge=1, description="actors of the distributed KMeans")
+    num_cpus: float = Field(default=1, gt=0)
+    threads: int | None = Field(default=None, ge=1)
+    max_member_chars: int = Field(default=1500, ge=50,
+                                  description="each member's question and answer are cut to this in the prompt")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> LMClustersSettings:
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size={self.min_size} > max_size={self.max_size}")
+        return self
+
+
+class LMMixtureSettings(_Strict):
+    """The distiller's training pairs: MIXTURE files and/or pairs built by rule-based degradation."""
+
+    files: list[str] = Field(default_factory=list, description="MIXTURE-format files (jsonl/json/parquet): "
+                             "instruction, input = the cluster ('Q: ...\\n A: ...' joined by blank "
+                             "lines), output = the distilled pair ('Q: ... A: ...', tags optional)")
+    degrade: bool = Field(default=True, description="build pairs from high-quality examples by degradation")
+    targets: int | None = Field(default=200, ge=1, description="high-quality examples degraded (null: all)")
+    max_target_chars: int = Field(default=2000, ge=20,
+                                  description="longer high-quality examples (question + answer) are not used")
+    min_members: int = Field(default=2, ge=1)
+    max_members: int = Field(default=5, ge=1)
+    kinds: list[Literal[choices.LMMIXUP_DEGRADATIONS]] = Field(
+        default_factory=lambda: list(choices.LMMIXUP_DEGRADATIONS), min_length=1)
+
+    @model_validator(mode="after")
+    def _source(self) -> LMMixtureSettings:
+        if not self.files and not self.degrade:
+            raise ValueError("no training pairs: give files or set degrade: true")
+        if self.min_members > self.max_members:
+            raise ValueError(f"min_members={self.min_members} > max_members={self.max_members}")
+        return self
+
+
+class LMRewardSettings(_Strict):
+    """GRPO's rewards (methods.md §4): quality (kNN-Bayes or a reward model), alignment, format."""
+
+    quality_weight: float = Field(default=0.5, ge=0)
+    alignment_weight: float = Field(default=0.4, ge=0)
+    format_weight: float = Field(default=0.1, ge=0)
+    aggregation: Literal[choices.LMMIXUP_AGGREGATIONS] = "sum_then_normalize"
+    alignment_threshold: float = Field(default=0.8, ge=-1, le=1)
+    quality: Literal[choices.LMMIXUP_QUALITY] = "knn-bayes"
+    reward_model: str | None = Field(default=None, description="quality: reward-model: its directory")
+    reward_threshold: float = Field(default=0.0, description="reward-model logit counted as good")
+    knn_k: int = Field(default=16, ge=1, description="rated neighbours of an answer")
+    transition_k: int = Field(default=16, ge=1, description="k_t: neighbours per library item for T")
+    smoothing: float = Field(default=1e-2, gt=0)
+    library_max: int = Field(default=20_000, ge=2, description="rated library: a seeded sample of the pool")
+    task: Literal[choices.LMMIXUP_TASKS] = "qa"
+
+    @model_validator(mode="after")
+    def _quality(self) -> LMRewardSettings:
+        if self.quality_weight + self.alignment_weight + self.format_weight <= 0:
+            raise ValueError("the reward weights sum to 0")
+        if self.quality == "reward-model" and not self.reward_model:
+            raise ValueError("quality: reward-model needs reward_model (a directory)")
+        _only_for(self, "reward_model", self.quality == "reward-model", "quality: reward-model")
+        return self
+
+    @property
+    def weights(self) -> list[float]:
+        total = self.quality_weight + self.alignment_weight + self.format_weight
+        return [w / total for w in (self.quality_weight, self.alignment_weight, self.format_weight)]
+
+
+class LMGRPOSettings(_Strict):
+    """GRPO of the distiller on Ray Train + DeepSpeed with TRL's GRPOTrainer (methods.md §4)."""
+
+    model: str | None = Field(default=None, description="null: the distill_sft model of this run")
+    prompts: int | None = Field(default=None, ge=1, description="training pairs used as prompts (null: all)")
+    num_generations: int = Field(default=4, ge=2, description="G samples per prompt")
+    temperature: float = Field(default=1.0, gt=0)
+    max_completion_length: int = Field(default=256, ge=8)
+    beta: float = Field(default=0.01, ge=0, description="k3 KL coefficient to the starting model")
+    epsilon: float = Field(default=0.2, gt=0, description="ratio clip, low side")
+    epsilon_high: float = Field(default=0.3, gt=0, description="ratio clip, high side")
+    loss_type: Literal["dapo", "bnpo", "grpo", "dr_grpo"] = Field(
+        default="dapo", description="dapo: token mean over the accumulated batch (the authors')")
+    lr: float = Field(default=1e-6, gt=0)
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
+    max_grad_norm: float = Field(default=1.0, ge=0)
+    max_steps: int = Field(default=100, ge=1)
+    per_device_batch_size: int = Field(default=4, ge=1, description="completions per worker per step")
+    grad_accum: int = Field(default=1, ge=1)
+    save_steps: int = Field(default=50, ge=1, description="checkpoint every n steps (the resume point)")
+    num_workers: int = Field(default=2, ge=1)
+    resources_per_worker: dict[str, float] | None = None
+    use_gpu: bool | Literal["auto"] = "auto"
+    threads: int | None = Field(default=None, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto: bf16 on GPUs, else fp32")
+    max_failures: int = Field(default=1, ge=0)
+
+    @model_validator(mode="after")
+    def _groups(self) -> LMGRPOSettings:
+        per_step = self.per_device_batch_size * self.num_workers * self.grad_accum
+        if per_step % self.num_generations:
+            raise ValueError(f"per_device_batch_size × num_workers × grad_accum = {per_step} completions "
+                             f"per step must be a multiple of num_generations={self.num_generations}")
+        return self
+
+
+class LMGenerateSettings(ActorPoolConfig):
+    """One distillation per low-quality cluster, over a Ray Data actor pool."""
+
+    distiller: Literal[choices.LMMIXUP_DISTILLERS] = Field(
+        default="auto", description="auto: the GRPO model if present, else the SFT one; base: base_model")
+    base_model: str = Field(default="SmolLM2-135M-Instruct", description="distiller: base")
+    batch_size: int = Field(default=16, ge=1)
+    micro_batch: int = Field(default=8, ge=1, description="prompts per generate call")
+    max_new_tokens: int = Field(default=256, ge=8)
+    max_prompt_length: int = Field(default=1024, ge=32)
+    temperature: float = Field(default=0.0, ge=0, description="0 = greedy")
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    clusters: int | None = Field(default=None, ge=1, description="distil only the first n clusters")
+
+
+class LMMergeSettings(_Strict):
+    """Keep the good distillations, rank them by long-tail score, merge with the high-quality originals."""
+
+    top_n: int = Field(default=5000, ge=1, description="distilled pairs kept (authors: 5K)")
+    long_tail_k: int = Field(default=15, ge=1)
+    high_quality: bool = Field(default=True, description="add the high-quality originals")
+    high_quality_limit: int | None = Field(default=None, ge=1, description="at most this many (best first)")
+
+
+def _sft_defaults() -> TrainConfig:
+    return TrainConfig(lr=2e-5, epochs=3, warmup_ratio=0.05, data="all")
+
+
+class LMMixupConfig(_Strict):
+    """LM-Mixup (docs/lmmixup.md): stages imperfect, mixture, distill_sft, distill_grpo, distill."""
+
+    classes: LMClassesSettings = LMClassesSettings()
+    clusters: LMClustersSettings = LMClustersSettings()
+    mixture: LMMixtureSettings = LMMixtureSettings()
+    sft: TrainConfig = Field(default_factory=_sft_defaults, description="the distiller's SFT (ntp)")
+    grpo: LMGRPOSettings = LMGRPOSettings()
+    rewards: LMRewardSettings = LMRewardSettings()
+    generate: LMGenerateSettings = LMGenerateSettings()
+    merge: LMMergeSettings = LMMergeSettings()
+
+    @field_validator("sft")
+    @classmethod
+    def _ntp(cls, v: TrainConfig) -> TrainConfig:
+        if v.loss != "ntp":
+            raise ValueError(f"the distiller's SFT uses loss ntp, got {v.loss}")
+        return v
 
 
 class SelectConfig(_Strict):
@@ -605,6 +789,7 @@ class RunConfig(_Strict):
     dynamics: DynamicsConfig = DynamicsConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    lmmixup: LMMixupConfig = LMMixupConfig()
 
     @field_validator("stages")
     @classmethod
@@ -734,14 +919,16 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
 PATH_KEYS: tuple[tuple[str, ...], ...] = (
     ("ingest", "sources", "*", "path"), ("train", "deepspeed", "config_file"),
     ("train", "mdit", "mix_plan"), ("dynamics", "checkpoints", "*"), ("dynamics", "reference_run"),
-    ("dynamics", "train", "deepspeed", "config_file"), ("evaluate", "benchmarks", "*", "path"))
+    ("dynamics", "train", "deepspeed", "config_file"), ("evaluate", "benchmarks", "*", "path"),
+    ("lmmixup", "mixture", "files", "*"), ("lmmixup", "sft", "deepspeed", "config_file"))
 # Keys that hold a file/directory OR a name (model alias, hub id, column): resolved only when
 # written as an explicit relative path (./x, ../x) or when that path exists beside the config.
 PATH_OR_NAME_KEYS: tuple[tuple[str, ...], ...] = (
     ("embed", "model"), ("score", "model"), ("mix", "model"), ("train", "model"),
     ("train", "sftmix", "confidence"), ("dynamics", "model"), ("dynamics", "train", "model"),
     ("evaluate", "model"), ("evaluate", "trained"), ("evaluate", "judge", "model"),
-    ("evaluate", "contamination", "model"))
+    ("evaluate", "contamination", "model"), ("lmmixup", "sft", "model"), ("lmmixup", "grpo", "model"),
+    ("lmmixup", "generate", "base_model"), ("lmmixup", "rewards", "reward_model"))
 
 
 def _anchor(value: Any, base: Path, name_or_path: bool) -> Any:

@@ -136,6 +136,54 @@ CLUSTER_PLOT = Artifact("cluster", "originals_vs_mixes.png", None, "t-SNE/PCA ma
 # Stages whose ``selection.parquet`` can feed training, latest first (``train.data: auto``).
 SELECTIONS = (CLUSTER_SELECTION, SELECTION)
 
+# ----------------------------------------------------------------------------- LM-Mixup (docs/lmmixup.md)
+
+CLASSES_SCHEMA = pa.schema([("id", pa.string()), ("score", pa.float64()), ("class", pa.int64()),
+                            ("low", pa.bool_())])
+QUALITY_CLASSES = Artifact("imperfect", "classes.parquet", CLASSES_SCHEMA,
+                           "every scored example: id, score, class (0-5), low (class < low_below)")
+LOW_CLUSTER_SCHEMA = pa.schema([("cluster", pa.int64()), ("member_ids", pa.list_(pa.string())),
+                                ("size", pa.int64()), ("prompt", pa.string())])
+LOW_CLUSTERS = Artifact("imperfect", "clusters.parquet", LOW_CLUSTER_SCHEMA,
+                        "capacity-constrained clusters of the low-quality examples: cluster, member_ids, "
+                        "size, prompt (the distiller's user turn)")
+CLUSTER_SIZES = Artifact("imperfect", "cluster_sizes.png", None, "histogram of the cluster sizes")
+
+PAIR_SCHEMA = pa.schema([("id", pa.string()), ("origin", pa.string()), ("target_id", pa.string()),
+                         ("prompt", pa.string()), ("target", pa.string()), ("reference", pa.string()),
+                         ("members", pa.int64())])
+MIXTURE_PAIRS = Artifact("mixture", "pairs.parquet", PAIR_SCHEMA,
+                         "the distiller's training pairs: id, origin ('mixture' file | 'degraded'), "
+                         "target_id, prompt (user turn), target (<think>..</think><answer>Q: .. A: ..</answer>), "
+                         "reference (the answer body 'Q: ..\\nA: ..'), members")
+
+SFT_MODEL = Artifact("distill_sft", "model", None, "the SFT distiller (Hugging Face format)")
+SFT_MERGED = Artifact("distill_sft", "merged", None, "LoRA merged into the base weights")
+SFT_METRICS = Artifact("distill_sft", "metrics.csv", None, "one row per optimizer step and attempt")
+SFT_PLOT = Artifact("distill_sft", "loss.png", None, "the SFT loss curve")
+SFT_ROWS = Artifact("distill_sft", "rows.parquet", None, "the SFT rows (as train/rows.parquet)")
+
+GRPO_MODEL = Artifact("distill_grpo", "model", None, "the GRPO distiller (Hugging Face format)")
+GRPO_METRICS = Artifact("distill_grpo", "metrics.csv", None,
+                        "per step: loss, reward, reward_std, quality, alignment, format, advantage_std, kl, ...")
+GRPO_PLOT = Artifact("distill_grpo", "rewards.png", None, "per-reward means, total reward, advantage spread")
+REWARD_LIBRARY = Artifact("distill_grpo", "library.npz", None,
+                          "the rated library: embeddings [L, d], classes [L], T [6, 6]")
+
+DISTILLED_SCHEMA = pa.schema([
+    ("id", pa.string()), ("cluster", pa.int64()), ("instruction", pa.string()), ("output", pa.string()),
+    ("expected_class", pa.float64()), ("kept", pa.bool_()), ("long_tail", pa.float64()),
+    ("rank", pa.int64()), ("member_ids", pa.list_(pa.string())), ("raw", pa.string())])
+DISTILLED = Artifact("distill", "distilled.parquet", DISTILLED_SCHEMA,
+                     "every well-formed distillation: id, cluster, instruction, output, expected_class, "
+                     "kept (re-scored good), long_tail, rank (kept only, 1 = rarest), member_ids, raw")
+DISTILL_REJECT_SCHEMA = pa.schema([("cluster", pa.int64()), ("reason", pa.string()), ("raw", pa.string())])
+DISTILL_REJECTS = Artifact("distill", "rejects.parquet", DISTILL_REJECT_SCHEMA,
+                           "malformed generations: cluster, reason (REJECT_REASONS), raw")
+MERGED = Artifact("distill", "merged.parquet", EXAMPLE_SCHEMA,
+                  "the top N kept distillations + the high-quality originals, in the example schema "
+                  "(train.data: distilled; or an ingest source of another run)")
+
 # ----------------------------------------------------------------------------- train
 
 TRAIN_MODEL = Artifact("train", "model", None, "the fine-tuned model or LoRA adapter + tokenizer")

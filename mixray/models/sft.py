@@ -12,8 +12,9 @@ turn, or the Alpaca template) followed by the response and EOS.
 
 ``SFTEncoder`` is a Ray Data batch callable (it knows nothing about Ray): its
 ``__init__`` loads the tokenizer, ``__call__`` maps a pyarrow batch of training
-rows (``instruction_a, input_a, output_a, messages_a`` and, for an MDIT mix,
-the ``_b`` side) to ``ids_a, spans_a, ids_b, spans_b, truncated``.
+rows (``instruction_a, input_a, output_a, messages_a``, an optional ``system_a``: a
+system turn, and for an MDIT mix the ``_b`` side) to ``ids_a, spans_a, ids_b, spans_b,
+truncated``.
 """
 
 from __future__ import annotations
@@ -40,18 +41,22 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def encode_example(tok, instruction: str, input_: str, output: str, max_length: int,
-                   messages=None) -> tuple[list[int], list[int], bool]:
+                   messages=None, system: str | None = None) -> tuple[list[int], list[int], bool]:
     """One example -> ``(ids, spans, truncated)``; ``spans``: the flat response spans.
 
     The first exchange is fitted by ``truncate_pair`` (the prompt keeps its end, the
     response at least half the budget); later turns follow while they fit, the last
     one cut at ``max_length`` (a turn whose prompt leaves no room is dropped).
-    ``truncated``: anything was cut or dropped.
+    ``truncated``: anything was cut or dropped. ``system``: a system turn before the
+    first prompt (LM-Mixup's distiller), unless the conversation opens with its own.
     """
     special = not getattr(tok, "chat_template", None)  # the Alpaca text gets the tokenizer's BOS
     single = messages is None or len(messages) == 0
-    segments = prompt_segments(tok, conversation(instruction, input_, output, messages),
-                               first_prompt=prompt_text(tok, instruction, input_) if single else None)
+    turns = conversation(instruction, input_, output, messages)
+    if system and turns[0]["role"] != "system":
+        turns = [{"role": "system", "content": system}, *turns]
+    segments = prompt_segments(tok, turns, first_prompt=prompt_text(tok, instruction, input_, system)
+                               if single else None)
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     ids: list[int] = []
     spans: list[int] = []
@@ -87,9 +92,11 @@ class SFTEncoder:
 
     def _side(self, cols: dict, side: str, i: int) -> tuple[list[int], list[int], bool]:
         turns = cols.get(f"messages_{side}")  # absent from rows of single-turn data
-        messages = turns[i] if turns is not None else None
+        system = cols.get(f"system_{side}")  # LM-Mixup's distiller rows only
         return encode_example(self.tok, cols[f"instruction_{side}"][i], cols[f"input_{side}"][i],
-                              cols[f"output_{side}"][i], self.max_length, messages)
+                              cols[f"output_{side}"][i], self.max_length,
+                              turns[i] if turns is not None else None,
+                              system[i] if system is not None else None)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         cols = batch.to_pydict()
@@ -108,7 +115,7 @@ class SFTEncoder:
             out["spans_b"].append(spans)
             out["truncated"].append(n_cut)
         keep = [c for c in batch.column_names if c not in TOKEN_COLUMNS and not c.startswith(
-            ("instruction_", "input_", "output_", "messages_"))]
+            ("instruction_", "input_", "output_", "messages_", "system_"))]
         table = batch.select(keep)
         for name, typ in (("ids_a", pa.list_(pa.int32())), ("spans_a", pa.list_(pa.int32())),
                           ("ids_b", pa.list_(pa.int32())), ("spans_b", pa.list_(pa.int32())),

@@ -51,18 +51,22 @@ def build_texts(
     raise ValueError(f"unknown text kind {kind!r}; allowed: instruction, full, output")
 
 
-def prompt_text(tokenizer, instruction: str, input_: str) -> str:
+def prompt_text(tokenizer, instruction: str, input_: str, system: str | None = None) -> str:
     """The prompt a causal LM sees before the response.
 
-    The model's chat template (one user turn, generation prompt added) when it
-    has one; the Alpaca template otherwise.
+    The model's chat template (one user turn, after a system turn when ``system`` is
+    given; generation prompt added) when it has one; the Alpaca template otherwise
+    (``system``, then a blank line, before it).
     """
     if getattr(tokenizer, "chat_template", None):
+        turns = [{"role": "system", "content": system}] if system else []
         return tokenizer.apply_chat_template(
-            [{"role": "user", "content": instruction_text(instruction, input_)}],
+            [*turns, {"role": "user", "content": instruction_text(instruction, input_)}],
             tokenize=False,
             add_generation_prompt=True,
         )
+    if system:
+        return f"{system}\n\n" + prompt_text(tokenizer, instruction, input_)
     if input_:
         return ALPACA_PROMPT.format(
             ctx=", paired with an input that provides further context",

@@ -52,6 +52,7 @@ from mixray.console import follow, stage_bar, verbose
 from mixray.contracts import (
     CONFIDENCE,
     EXAMPLES,
+    MERGED,
     MIX_PLAN,
     SELECTIONS,
     TRAIN_MERGED,
@@ -87,6 +88,8 @@ def resolve_data_source(cfg: TrainConfig, run_dir: Path) -> str:
     for artifact in SELECTIONS:
         if _complete_output(run_dir, artifact):
             return artifact.stage
+    if _complete_output(run_dir, MERGED):
+        return "distilled"
     return "all"
 
 
@@ -261,7 +264,26 @@ def _rows_table(rows: dict[str, list], groups: np.ndarray) -> pa.Table:
     for side in ("a", "b"):
         cols |= {f"{c}_{side}": pa.array(rows[f"{c}_{side}"], pa.string()) for c in _TEXT}
         cols[f"messages_{side}"] = pa.array(rows[f"messages_{side}"], _MESSAGES)
+    if "system_a" in rows:
+        cols["system_a"] = pa.array(rows["system_a"], pa.string())
     return pa.table(cols)
+
+
+def sft_rows(ids: list[str], prompts: list[str], targets: list[str], system: str | None = None) -> pa.Table:
+    """Plain SFT rows (prompt -> target, no mixes, one group) in ``build_training_rows``' layout.
+
+    ``system``: a system message before every prompt (the chat template's system turn).
+    """
+    from mixray.algorithms.sampling import UNPAIRED
+
+    n = len(ids)
+    t = pa.table({"id": pa.array(ids, pa.string()), "instruction": pa.array(prompts, pa.string()),
+                  "input": pa.array([""] * n, pa.string()), "output": pa.array(targets, pa.string()),
+                  "messages": pa.nulls(n, _MESSAGES)})
+    rows = _original_rows(t)
+    if system is not None:
+        rows["system_a"] = [system] * n
+    return _rows_table(rows, np.full(n, UNPAIRED, dtype=np.int8))
 
 
 def build_training_rows(cfg: TrainConfig, run_dir: Path) -> tuple[pa.Table, dict[str, str], dict[str, Any]]:
@@ -278,7 +300,12 @@ def build_training_rows(cfg: TrainConfig, run_dir: Path) -> tuple[pa.Table, dict
     source = resolve_data_source(cfg, run_dir)
     examples = _read_examples(examples_path)
     originals, mixes = examples, None
-    if source != "all":
+    if source == "distilled":
+        if not _complete_output(run_dir, MERGED):
+            raise InputError(f"train.data=distilled needs {MERGED.path(run_dir)}: run the distill stage")
+        originals = _read_examples(MERGED.path(run_dir))
+        inputs["merged"] = output_hash(run_dir / MERGED.stage, MERGED.name)
+    elif source != "all":
         originals, mixes = _selection_rows(cfg, run_dir, examples, source, inputs)
     if cfg.loss == "mdit" and source != "cluster":
         mixes = _plan_mixes(cfg, run_dir, examples, originals, inputs)
@@ -463,10 +490,17 @@ class TrainingJob:
                 "adam_betas": list(cfg.adam_betas), "adam_eps": cfg.adam_eps, "on_gpu": self.use_gpu}
 
 
-def plan_job(cfg: TrainConfig, run_dir: Path, seed: int = 0) -> TrainingJob:
-    """The checks and decisions that need neither Ray nor the model's weights."""
-    check_model(cfg.model, "train.model", need="model")
-    table, inputs, counts = build_training_rows(cfg, run_dir)
+def plan_job(cfg: TrainConfig, run_dir: Path, seed: int = 0,
+             rows: tuple[pa.Table, dict[str, str], dict[str, Any]] | None = None,
+             setting: str = "train") -> TrainingJob:
+    """The checks and decisions that need neither Ray nor the model's weights.
+
+    ``rows``: training rows built elsewhere (``build_training_rows``' table, input hashes
+    and counts), e.g. LM-Mixup's distiller pairs; default: ``build_training_rows``.
+    ``setting``: the config section named in errors (``train``, ``lmmixup.sft``).
+    """
+    check_model(cfg.model, f"{setting}.model", need="model")
+    table, inputs, counts = rows if rows is not None else build_training_rows(cfg, run_dir)
     template = None
     if cfg.deepspeed.enabled and cfg.deepspeed.config_file:
         template = _read_template(cfg.deepspeed.config_file)
@@ -545,6 +579,9 @@ class Train(Stage):
     """``train``: the selection (+ mixes, + SFTMix split) -> a fine-tuned model on Ray Train."""
 
     name = "train"
+    # what run() writes (a subclass training another model on other rows names its own)
+    model_out, merged_out, metrics_out, plot_out, rows_out = (
+        TRAIN_MODEL, TRAIN_MERGED, TRAIN_METRICS, TRAIN_PLOT, TRAIN_ROWS)
     outputs = (TRAIN_MODEL, TRAIN_MERGED, TRAIN_METRICS, TRAIN_PLOT, TRAIN_ROWS)
     summary = "{steps} steps"
     seeded = True
@@ -576,8 +613,8 @@ class Train(Stage):
         if n_trunc:
             log.warning("train: %d of %d rows were cut to max_length=%d tokens", n_trunc, len(tokens),
                         cfg.max_length)
-        export_dir = out.path(TRAIN_MODEL)
-        merged_dir = out.path(TRAIN_MERGED) if cfg.lora.enabled and cfg.lora.merge else None
+        export_dir = out.path(self.model_out)
+        merged_dir = out.path(self.merged_out) if cfg.lora.enabled and cfg.lora.merge else None
         result = self._fit(job, tokens, export_dir, merged_dir)
         metrics = self._write_outputs(out, job, tokens)
         out.counts = job.counts | {
@@ -589,9 +626,9 @@ class Train(Stage):
                      "checkpoint": result.checkpoint.path if result.checkpoint else None,
                      "tensorboard": str(self._dirs[1] / "tensorboard"), "precision": job.precision,
                      "workers": cfg.num_workers, "use_gpu": job.use_gpu, "lora": cfg.lora.enabled}
-        log.info("train[%s]: %d steps on %d rows (%d mixes, %d truncated) in %.1f s; final loss %.4f -> %s",
-                 cfg.loss, job.total_steps, job.counts["rows"], job.counts["mixes"], n_trunc,
-                 time.time() - t0, out.extra["final_loss"] or math.nan, TRAIN_MODEL.path(self.run_dir))
+        log.info("%s[%s]: %d steps on %d rows (%d mixes, %d truncated) in %.1f s; final loss %.4f -> %s",
+                 self.name, cfg.loss, job.total_steps, job.counts["rows"], job.counts["mixes"], n_trunc,
+                 time.time() - t0, out.extra["final_loss"] or math.nan, self.model_out.path(self.run_dir))
 
     def _fit(self, job: TrainingJob, tokens: pa.Table, export_dir: Path, merged_dir: Path | None):
         storage, log_dir = self._dirs
@@ -601,13 +638,13 @@ class Train(Stage):
         """metrics.csv, loss.png and rows.parquet; returns the metrics."""
         log_dir = self._dirs[1]
         metrics = read_metrics(log_dir / "metrics.csv")
-        shutil.copyfile(log_dir / "metrics.csv", out.path(TRAIN_METRICS))
-        plot_loss_curves(metrics, out.path(TRAIN_PLOT), _title(self.section, job.counts))
+        shutil.copyfile(log_dir / "metrics.csv", out.path(self.metrics_out))
+        plot_loss_curves(metrics, out.path(self.plot_out), _title(self.section, job.counts))
         n_tok = (pc.list_value_length(tokens.column("ids_a")).to_numpy()
                  + pc.list_value_length(tokens.column("ids_b")).to_numpy())
         keep = ["row", "id", "is_mix", "a_id", "b_id", "lam", "group", "shard", "truncated"]
         write_table(tokens.select(keep).append_column("tokens", pa.array(n_tok.astype(np.int32))),
-                    out.path(TRAIN_ROWS))
+                    out.path(self.rows_out))
         return metrics
 
 

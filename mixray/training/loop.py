@@ -283,11 +283,15 @@ def fit(
     max_failures: int,
     keep_checkpoints: int,
     log_level: str = "INFO",
+    train_loop=None,
 ):
     """Run ``train_loop_per_worker`` on a ``TorchTrainer``; returns the Ray Train ``Result``.
 
     ``log_level``: of Ray Train's own lines on the console (its controller and workers);
-    its log files keep everything.
+    its log files keep everything. ``train_loop``: another per-worker loop over the same
+    ``TorchTrainer`` set-up (e.g. ``mixray.training.grpo.grpo_loop_per_worker``); its
+    config is passed as it is (the SFT loop's ``check_loop_config`` applies to the default
+    loop only).
 
     A run with the same ``name`` under ``storage_path`` resumes from its newest
     checkpoint that verifies (``mixray.training.checkpoints``), as does a worker group
@@ -296,7 +300,8 @@ def fit(
     (``<dataset_prefix><rank>``), given whole to every worker (the loop reads
     only its own): the shard assignment is the pure sampler's, not Ray's.
     """
-    loop_config = check_loop_config(loop_config)
+    if train_loop is None:
+        train_loop, loop_config = train_loop_per_worker, check_loop_config(loop_config)
     from ray.train import (
         CheckpointConfig,
         DataConfig,
@@ -315,7 +320,7 @@ def fit(
     repair_snapshot(storage_path, name)
 
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        train_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources_per_worker),

@@ -1,0 +1,145 @@
+"""LM-Mixup GRPO step time: TRL's GRPOTrainer alone in one process vs inside a Ray Train worker.
+
+    make bench-grpo            # or: .venv/bin/python benchmarks/bench_grpo.py --steps 5
+
+The same trainer (``mixray.training.grpo.build_grpo_trainer``: SmolLM2-135M-Instruct, the three
+rewards with MiniLM and a rated library, G = 4, 4 completions per step, ``--new-tokens``
+completion tokens) on the same cluster prompts, seed 0:
+
+(a) TRL alone: ``trainer.train()`` in this process, torch using every core, no DeepSpeed;
+(b) mixray: ``fit(..., train_loop=grpo_loop_per_worker)`` — one Ray Train ``TorchTrainer``
+    worker with every core (gloo, world size 1), no DeepSpeed: the same work, so the ratio is
+    the cost of running inside Ray Train;
+(c) for information: 2 workers × 1 core under DeepSpeed ZeRO-2 (what ``configs/lmmixup.yaml``
+    runs; 2 × 4 completions per step, so not the same work as (a)).
+
+Step time = the median of the per-step wall times after the first step (from the metrics
+callback: the time between two logged steps). Prints the ratio (b) / (a) (target ≤ 1.2×).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _library(path: Path, encoder: str, n: int = 200) -> None:
+    """A rated library: MiniLM embeddings of ``n`` real pairs, classes by quantiles of a seeded score."""
+    import sys
+
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from mixray.algorithms.lmmixup import quality_classes
+    from mixray.algorithms.lmmixup_rewards import transition_matrix
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from packaged_data import records
+
+    texts = [f"{r['instruction']}\n{r['output']}" for t in ("general", "math") for r in records(t, n // 2)]
+    emb = SentenceTransformer(encoder, device="cpu").encode(texts, normalize_embeddings=True)
+    classes = quality_classes(np.random.default_rng(0).random(len(texts)))
+    np.savez(path, embeddings=emb.astype(np.float32), classes=classes, T=transition_matrix(emb, classes, 16))
+
+
+def _config(tmp: Path, name: str, args, workers: int, zero: int | None) -> dict:
+    from mixray.models.registry import resolve_model
+    from mixray.training.grpo import grpo_deepspeed_config
+
+    cores = os.cpu_count() or 1
+    return {"model_path": resolve_model("SmolLM2-135M-Instruct"), "encoder_path": resolve_model("all-MiniLM-L6-v2"),
+            "library_path": str(tmp / "library.npz"), "output_dir": str(tmp / name / "out"),
+            "export_dir": str(tmp / name / "model"), "log_dir": str(tmp / name / "logs"), "seed": 0,
+            "num_generations": 4, "per_device_batch_size": 4, "grad_accum": 1, "max_steps": args.steps,
+            "lr": 1e-6, "beta": 0.01, "epsilon": 0.2, "epsilon_high": 0.3, "temperature": 1.0,
+            "max_completion_length": args.new_tokens, "aggregation": "sum_then_normalize",
+            "reward_weights": [0.5, 0.4, 0.1], "loss_type": "dapo", "save_steps": 10**6,
+            "deepspeed": grpo_deepspeed_config(zero) if zero is not None else None,
+            "threads": max(1, cores // workers), "knn_k": 16, "good_class": 4, "alignment_threshold": 0.8,
+            "task": "qa", "reward_model": None, "reward_threshold": 0.0, "warmup_ratio": 0.0,
+            "max_grad_norm": 1.0}
+
+
+def _data(n: int):
+    from bench_generate import prompts
+
+    from mixray.algorithms.lmmixup import SYSTEM_PROMPT
+
+    return [{"prompt": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": p}],
+             "reference": "Q: " + p.split("Q: ", 2)[1][:300]} for p in prompts(n)]
+
+
+def _step_time(log_dir: str) -> float:
+    with open(Path(log_dir) / "metrics.csv", newline="") as f:
+        times = [float(r["step_time_s"]) for r in csv.DictReader(f)]
+    return statistics.median(times[1:] if len(times) > 1 else times)
+
+
+def alone(config: dict, rows: list[dict]) -> float:
+    import torch
+    from datasets import Dataset
+
+    from mixray.training.grpo import build_grpo_trainer
+
+    torch.set_num_threads(config["threads"])
+    build_grpo_trainer(config, Dataset.from_list(rows), 0, 1).train()
+    return _step_time(config["log_dir"])
+
+
+def in_ray_train(config: dict, rows: list[dict], workers: int, tmp: Path, name: str) -> float:
+    import pyarrow as pa
+    import ray
+
+    from mixray.training.grpo import grpo_loop_per_worker
+    from mixray.training.loop import fit
+
+    fit(config, {"grpo": ray.data.from_arrow(pa.Table.from_pylist(rows))}, num_workers=workers,
+        use_gpu=False, resources_per_worker={"CPU": (os.cpu_count() or 1) // workers},
+        storage_path=str(tmp / "ray"), name=name, max_failures=0, keep_checkpoints=1,
+        train_loop=grpo_loop_per_worker)
+    return _step_time(config["log_dir"])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--no-zero2", action="store_true", help="skip (c)")
+    args = ap.parse_args()
+    import ray
+
+    from mixray.models.registry import resolve_model
+
+    with tempfile.TemporaryDirectory(prefix="bench-grpo-") as d:
+        tmp = Path(d)
+        _library(tmp / "library.npz", resolve_model("all-MiniLM-L6-v2"))
+        rows = _data(8)
+        print(f"{args.steps} GRPO steps, G=4, 4 completions/step/worker, {args.new_tokens} new tokens, "
+              f"load average {os.getloadavg()[0]:.2f}")
+        t0 = time.time()
+        a = alone(_config(tmp, "alone", args, 1, None), rows)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        b = in_ray_train(_config(tmp, "ray1", args, 1, None), rows, 1, tmp, "ray1")
+        c = None if args.no_zero2 else in_ray_train(_config(tmp, "ray2", args, 2, 2), rows, 2, tmp, "ray2")
+        ray.shutdown()
+    print("| run | step time (s, median) | ratio |\n|---|---:|---:|")
+    print(f"| TRL GRPOTrainer alone, one process | {a:.2f} | 1.00× |")
+    print(f"| inside Ray Train, 1 worker (same work) | {b:.2f} | **{b / a:.2f}×** (target ≤ 1.2×) |")
+    if c is not None:
+        print(f"| inside Ray Train, 2 workers × 1 core, ZeRO-2 (2× the completions) | {c:.2f} | {c / a:.2f}× |")
+    print(f"total {time.time() - t0:.0f} s; load average after: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
