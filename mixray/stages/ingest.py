@@ -104,6 +104,19 @@ class _Split:
             self.examples.add(row)
 
 
+def _assign_id(source: str, own: str | None, key: str, row: int, own_ids: dict[str, int],
+               occurrences: Counter) -> tuple[str | None, str | None]:
+    """``(id, None)``: the record's own id under its source, or one derived from its content
+    and occurrence; ``(None, why)`` when its own id was already used in this source."""
+    if own is None:
+        occurrences[(source, key)] += 1
+        return derived_id(source, key, occurrences[(source, key)]), None
+    if own in own_ids:
+        return None, f"id {own!r} already used by record {own_ids[own]}"
+    own_ids[own] = row
+    return f"{source}/{own}", None
+
+
 def _ingest_source(
     src: SourceConfig,
     path: Path,
@@ -140,17 +153,10 @@ def _ingest_source(
             reject(rec, mapped.reason, mapped.detail, _raw(rec.value))
             continue
         key = mapped.pop("_key")
-        own = mapped.pop("_own_id")
-        if own is not None:
-            if own in own_ids:
-                reject(rec, RejectReason.DUPLICATE_ID,
-                       f"id {own!r} already used by record {own_ids[own]}", _raw(rec.value))
-                continue
-            own_ids[own] = rec.row
-            ex_id = f"{src.name}/{own}"
-        else:
-            occurrences[(src.name, key)] += 1
-            ex_id = derived_id(src.name, key, occurrences[(src.name, key)])
+        ex_id, clash = _assign_id(src.name, mapped.pop("_own_id"), key, rec.row, own_ids, occurrences)
+        if clash:
+            reject(rec, RejectReason.DUPLICATE_ID, clash, _raw(rec.value))
+            continue
         first = seen_content.get(key)
         if first is not None:
             dups.add({"id": ex_id, "duplicate_of": first})

@@ -271,27 +271,14 @@ def _inject_fault(log_dir: Path, step: int) -> None:
 
 # ----------------------------------------------------------------------------- the trainer
 
-def fit(
-    loop_config: dict[str, Any],
-    datasets: dict[str, Any],
-    *,
-    num_workers: int,
-    use_gpu: bool,
-    resources_per_worker: dict[str, float] | None,
-    storage_path: str,
-    name: str,
-    max_failures: int,
-    keep_checkpoints: int,
-    log_level: str = "INFO",
-    train_loop=None,
-):
+def fit(loop_config: dict[str, Any], datasets: dict[str, Any], *, num_workers: int, use_gpu: bool,
+        resources_per_worker: dict[str, float] | None, storage_path: str, name: str, max_failures: int,
+        keep_checkpoints: int, log_level: str = "INFO", train_loop=None):
     """Run ``train_loop_per_worker`` on a ``TorchTrainer``; returns the Ray Train ``Result``.
 
-    ``log_level``: of Ray Train's own lines on the console (its controller and workers);
-    its log files keep everything. ``train_loop``: another per-worker loop over the same
-    ``TorchTrainer`` set-up (e.g. ``mixray.training.grpo.grpo_loop_per_worker``); its
-    config is passed as it is (the SFT loop's ``check_loop_config`` applies to the default
-    loop only).
+    ``log_level``: of Ray Train's console lines (its log files keep everything).
+    ``train_loop``: another per-worker loop (``mixray.training.grpo.grpo_loop_per_worker``),
+    given its config as it is (``check_loop_config`` is the default loop's).
 
     A run with the same ``name`` under ``storage_path`` resumes from its newest
     checkpoint that verifies (``mixray.training.checkpoints``), as does a worker group

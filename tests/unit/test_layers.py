@@ -130,12 +130,6 @@ def function_lengths() -> list[tuple[int, str]]:
     return out
 
 
-LONG_FUNCTIONS_ELSEWHERE = (  # still over the limit outside algorithms/selection/KMeans; the lead
-    "mixray.distributed.train", "mixray.stages.train", "mixray.stages.select")  # turns the test on
-
-
-@pytest.mark.xfail(strict=False, reason="training and stage functions still over 60 lines: "
-                   + ", ".join(LONG_FUNCTIONS_ELSEWHERE))
 def test_no_function_is_longer_than_60_lines():
     long = sorted((f for f in function_lengths() if f[0] > MAX_FUNCTION_LINES), reverse=True)
     assert not long, "functions over 60 lines:\n" + "\n".join(f"{n} {w}" for n, w in long)
