@@ -33,7 +33,7 @@ MARKERS  := not slow and not gpu$(if $(CHROMIUM),, and not browser)
 test: setup
 	$(BIN)/ruff check mixray tests benchmarks
 	@echo "pytest -m '$(MARKERS)'$(if $(CHROMIUM),, (no /usr/bin/chromium: the browser tests are deselected; apt-get install chromium))"
-	$(BIN)/python -m pytest -q tests -m '$(MARKERS)'
+	$(BIN)/python -m pytest -q --durations=15 tests -m '$(MARKERS)'
 
 lint: setup
 	$(BIN)/ruff check mixray tests benchmarks

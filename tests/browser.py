@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -102,9 +105,12 @@ async def _drive(port: int, url: str, screenshot: Path) -> Page:
 
 def render(html_file: Path, screenshot: Path) -> Page:
     """Load ``html_file`` in headless Chromium; see the module docstring."""
-    with tempfile.TemporaryDirectory(prefix="mixray-chromium-") as profile:
+    # Chromium's helper processes may still write to the profile when the browser is killed:
+    # the whole process group is killed, and a file left behind does not fail the test.
+    with tempfile.TemporaryDirectory(prefix="mixray-chromium-", ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
         try:
             port = None
             for line in proc.stderr:
@@ -115,5 +121,6 @@ def render(html_file: Path, screenshot: Path) -> Page:
                 raise RuntimeError(f"chromium did not start (exit code {proc.poll()})")
             return asyncio.run(_drive(port, Path(html_file).resolve().as_uri(), screenshot))
         finally:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)

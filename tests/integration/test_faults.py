@@ -191,7 +191,9 @@ def _same_training(run_dir: Path, ref_dir: Path) -> list[dict]:
 def test_training_driver_killed_then_a_spoilt_checkpoint_falls_back(reference, tmp_path, caplog):
     run_dir, raw, cli = _fault_dir(reference, tmp_path, "train")
     log = open(tmp_path / "driver.log", "w")  # noqa: SIM115 (closed below; a pipe could fill and block)
-    proc = subprocess.Popen([sys.executable, "-m", "mixray.cli", "train", str(cli)],
+    # --verbose: rank 0's "starting/resuming at step" line is a worker's INFO, which the quiet
+    # console leaves out
+    proc = subprocess.Popen([sys.executable, "-m", "mixray.cli", "--verbose", "train", str(cli)],
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait_for(lambda: _registered(run_dir) >= 2, proc)

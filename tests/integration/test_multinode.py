@@ -77,7 +77,7 @@ def test_distributed_kmeans_over_two_nodes_equals_one_process(nodes):
     X = rng.normal(scale=5.0, size=(8, 8))[rng.integers(8, size=2000)] + rng.normal(size=(2000, 8))
     C0 = X[rng.choice(len(X), 12, replace=False)].copy()
     single = KMeans(12, init=C0, tol=1e-4).fit(X)
-    dist = DistributedKMeans(12, n_actors=2, init=C0, tol=1e-4).fit(X)
+    dist = DistributedKMeans(12, concurrency=2, init=C0, tol=1e-4).fit(X)
     np.testing.assert_array_equal(dist.labels_, single.labels_)
     assert dist.n_iter_ == single.n_iter_
     np.testing.assert_allclose(dist.cluster_centers_, single.cluster_centers_, atol=1e-9)
