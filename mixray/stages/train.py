@@ -611,8 +611,8 @@ class Train(Stage):
         tokens = tokenize_rows(job.rows, cfg)
         n_trunc = int(np.count_nonzero(tokens.column("truncated").to_numpy()))
         if n_trunc:
-            log.warning("train: %d of %d rows were cut to max_length=%d tokens", n_trunc, len(tokens),
-                        cfg.max_length)
+            log.warning("%s: %d of %d rows were cut to max_length=%d tokens", self.name, n_trunc,
+                        len(tokens), cfg.max_length)
         export_dir = out.path(self.model_out)
         merged_dir = out.path(self.merged_out) if cfg.lora.enabled and cfg.lora.merge else None
         result = self._fit(job, tokens, export_dir, merged_dir)
@@ -632,7 +632,7 @@ class Train(Stage):
 
     def _fit(self, job: TrainingJob, tokens: pa.Table, export_dir: Path, merged_dir: Path | None):
         storage, log_dir = self._dirs
-        return fit_job(job, tokens, storage, job.loop_config(log_dir, export_dir, merged_dir))
+        return fit_job(job, tokens, storage, job.loop_config(log_dir, export_dir, merged_dir), self.name)
 
     def _write_outputs(self, out: Outputs, job: TrainingJob, tokens: pa.Table) -> list[dict]:
         """metrics.csv, loss.png and rows.parquet; returns the metrics."""
