@@ -116,7 +116,8 @@ class DistillGRPO(Stage):
 
         s, t0 = self.section, time.time()
         emb, classes, T, encoder = rated_library(self.run_dir, s.rewards, self.cfg.seed)
-        np.savez(out.path(REWARD_LIBRARY), embeddings=emb, classes=classes, T=T)
+        with open(out.path(REWARD_LIBRARY), "wb") as f:  # a file, not a name: savez would add ".npz"
+            np.savez(f, embeddings=emb, classes=classes, T=T)  # to the runner's temporary name
         model = str(SFT_MODEL.path(self.run_dir)) if s.grpo.model is None else \
             resolve_model(s.grpo.model, "lmmixup.grpo.model")
         init_ray(self.cfg.ray)
@@ -171,8 +172,10 @@ class DistillGRPO(Stage):
     def _fit(self, config: dict, prompts: pa.Table) -> None:
         import ray
 
+        from mixray.console import follow, stage_bar, verbose
         from mixray.training.grpo import grpo_loop_per_worker
         from mixray.training.loop import fit
+        from mixray.training.metrics import last_step
 
         g = self.section.grpo
         have = ray.cluster_resources()
@@ -181,11 +184,14 @@ class DistillGRPO(Stage):
         config["precision"] = "bf16" if (g.precision == "bf16" or (g.precision == "auto" and use_gpu)) else "fp32"
         ctx = ray.data.DataContext.get_current()
         bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False
-        try:
-            fit(config, {"grpo": ray.data.from_arrow(prompts)}, num_workers=g.num_workers, use_gpu=use_gpu,
-                resources_per_worker=res, storage_path=str(self._dirs[2]),
-                name=Path(config["output_dir"]).name, max_failures=g.max_failures, keep_checkpoints=1,
-                train_loop=grpo_loop_per_worker)
+        metrics_csv = Path(config["log_dir"]) / "metrics.csv"
+        try:  # one bar that follows the steps rank 0 logs, as for train
+            with stage_bar(self.name, g.max_steps, unit="steps") as bar, \
+                    follow(bar, lambda: last_step(metrics_csv)):
+                fit(config, {"grpo": ray.data.from_arrow(prompts)}, num_workers=g.num_workers,
+                    use_gpu=use_gpu, resources_per_worker=res, storage_path=str(self._dirs[2]),
+                    name=Path(config["output_dir"]).name, max_failures=g.max_failures, keep_checkpoints=1,
+                    log_level="INFO" if verbose() else "WARNING", train_loop=grpo_loop_per_worker)
         finally:
             ctx.enable_progress_bars = bars
         if not (Path(config["export_dir"]) / "config.json").is_file():
