@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,12 @@ def grpo_loop_per_worker(config: dict[str, Any]) -> None:
     rows = list(ray.train.get_dataset_shard("grpo").iter_rows())
     data = Dataset.from_list([{"prompt": list(r["prompt"]), "reference": r["reference"]} for r in rows])
     trainer = build_grpo_trainer(config, data, rank, world)
+    if os.environ.get("MIXRAY_VERBOSE") != "1":  # (mixray.console.VERBOSE_ENV) each step is in
+        # metrics.csv and the driver's progress bar: no dict printed per step
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
     resume = latest_checkpoint(Path(config["output_dir"]))
     if rank == 0:
         log.info("grpo: %d prompts, G=%d, %d workers, %s", len(data), config["num_generations"], world,
