@@ -68,6 +68,8 @@ class Distill(Stage):
     seeded = True
     memory_knobs = ("generate.concurrency", "generate.batch_size", "generate.micro_batch", "generate.num_cpus")
 
+    config_path = "lmmixup"
+
     @property
     def section(self):
         return self.cfg.lmmixup

@@ -71,6 +71,8 @@ class DistillGRPO(Stage):
     seeded = True
     memory_knobs = ("grpo.per_device_batch_size", "grpo.max_completion_length", "grpo.num_workers")
 
+    config_path = "lmmixup"
+
     @property
     def section(self):
         return self.cfg.lmmixup

@@ -29,6 +29,8 @@ class DistillSFT(Train):
         SFT_MODEL, SFT_MERGED, SFT_METRICS, SFT_PLOT, SFT_ROWS)
     outputs = (SFT_MODEL, SFT_MERGED, SFT_METRICS, SFT_PLOT, SFT_ROWS)
 
+    config_path = "lmmixup.sft"
+
     @property
     def section(self):
         return self.cfg.lmmixup.sft

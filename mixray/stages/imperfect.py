@@ -99,6 +99,8 @@ class Imperfect(Stage):
     seeded = True
     memory_knobs = ("clusters.concurrency",)
 
+    config_path = "lmmixup"
+
     @property
     def section(self):
         return self.cfg.lmmixup

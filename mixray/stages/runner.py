@@ -104,8 +104,9 @@ class Stage:
     outputs: ClassVar[tuple[Artifact, ...]] = ()
     summary: ClassVar[str] = ""
     seeded: ClassVar[bool] = False  # whether the run's seed is part of the config hash
-    # actor-pool knobs that an out-of-memory kill should name
+    # actor-pool knobs that an out-of-memory kill should name, under the stage's config section
     memory_knobs: ClassVar[tuple[str, ...]] = ()
+    config_path: ClassVar[str | None] = None  # that section's dotted path (None: the stage's name)
 
     def __init__(self, cfg: RunConfig, run_dir: Path):
         self.cfg = cfg
@@ -200,7 +201,8 @@ def _raise_out_of_memory(stage: Stage, e: BaseException) -> None:
 
     if not any(isinstance(c, OutOfMemoryError) for c in _wrapped(e)):
         return
-    knobs = ", ".join([f"{stage.name}.{k}" for k in stage.memory_knobs] or ["ray.num_cpus"])
+    section = stage.config_path or stage.name
+    knobs = ", ".join([f"{section}.{k}" for k in stage.memory_knobs] or ["ray.num_cpus"])
     raise ResourceError(
         f"{stage.name}: Ray killed a worker that ran out of memory; lower {knobs}, or give the "
         "node more memory", where=stage.name) from None

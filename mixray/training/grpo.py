@@ -48,10 +48,19 @@ GRPO_COLUMNS = ("step", "loss", "reward", "reward_std", *REWARD_NAMES, "advantag
 
 def grpo_deepspeed_config(stage: int, offload_optimizer: bool = False) -> dict[str, Any]:
     """A ZeRO config for the HF Trainer: ``"auto"`` wherever the ``GRPOConfig`` decides
-    (batch sizes, accumulation, bf16/fp16, clipping), the stage and offload fixed here."""
+    (batch sizes, accumulation, bf16/fp16, clipping), the stage and offload fixed here.
+
+    Bucket sizes follow the model (``"auto"``: hidden_size², as the HF integration sets
+    them) instead of DeepSpeed's default of 5e8 elements, whose fp32 buffers alone take
+    2 GB per bucket and per worker (a 135M distiller ran out of memory with them)."""
     zero: dict[str, Any] = {"stage": stage}
     if stage >= 1:
-        zero |= {"contiguous_gradients": True, "overlap_comm": False, "reduce_scatter": True}
+        zero |= {"contiguous_gradients": True, "overlap_comm": False, "reduce_scatter": True,
+                 "reduce_bucket_size": "auto"}
+    if stage in (1, 2):
+        zero["allgather_bucket_size"] = 5e7
+    if stage == 3:
+        zero |= {"stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto"}
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",

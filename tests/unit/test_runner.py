@@ -290,6 +290,20 @@ def test_an_out_of_memory_kill_is_one_line_naming_the_knobs(tmp_path, make):
     assert read_manifest(tmp_path / "toy") is None
 
 
+def test_out_of_memory_knobs_are_named_by_their_config_keys():
+    """A stage whose settings live in another section (LM-Mixup's under lmmixup) names those keys."""
+    from ray.exceptions import OutOfMemoryError
+
+    from mixray.stages import stage_class
+    from mixray.stages.runner import _raise_out_of_memory
+
+    for name, key in (("distill_grpo", "lmmixup.grpo.per_device_batch_size"),
+                      ("distill_sft", "lmmixup.sft.micro_batch_size"), ("train", "train.micro_batch_size")):
+        stage = stage_class(name).__new__(stage_class(name))
+        with pytest.raises(ResourceError, match=rf"lower {key}, "):
+            _raise_out_of_memory(stage, OutOfMemoryError("killed"))
+
+
 def test_other_failures_of_ray_pass_through_unchanged(tmp_path):
     from ray.train import WorkerGroupError
 
