@@ -85,7 +85,8 @@ class StageRun:
         """A temp path for output ``name``; it becomes ``stage_dir/name`` on ``finish``."""
         final = self.stage_dir / name
         tmp = self.stage_dir / f".{name}.tmp-{os.getpid()}"
-        self._pending.append((tmp, final))
+        if (tmp, final) not in self._pending:  # asked twice (written, then handed to workers): once
+            self._pending.append((tmp, final))
         return tmp
 
     def output(self, name: str) -> Path:

@@ -311,3 +311,16 @@ def test_other_failures_of_ray_pass_through_unchanged(tmp_path):
     Hungry.error = WorkerGroupError("rank 0 failed", {0: ZeroDivisionError("boom")})
     with pytest.raises(WorkerGroupError):
         execute(Hungry(run_config(), tmp_path))
+
+
+def test_an_output_path_asked_for_twice_is_committed_once(tmp_path):
+    """distill_grpo writes its rated library, then hands the same temporary path to the GRPO
+    workers: the second request registered the rename again and the commit failed on it."""
+    from mixray.io.rundir import read_manifest, stage_run
+
+    with stage_run(tmp_path / "s", "h", {}) as run:
+        p = run.tmp_path("library.npz")
+        p.write_bytes(b"x")
+        assert run.tmp_path("library.npz") == p
+    assert (tmp_path / "s" / "library.npz").read_bytes() == b"x"
+    assert list(read_manifest(tmp_path / "s")["outputs"]) == ["library.npz"]
