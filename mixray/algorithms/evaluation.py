@@ -122,11 +122,13 @@ def max_cosine(queries: np.ndarray, keys: np.ndarray, block: int = 8192) -> tupl
     memory stays ``O(Q·block)``. Naive equivalent: ``(normalize(Q) @ normalize(K).T).max(1)``.
     """
     q = torch.nn.functional.normalize(torch.as_tensor(queries, dtype=torch.float32), dim=1)
-    k = torch.as_tensor(keys, dtype=torch.float32)
+    k = keys if isinstance(keys, torch.Tensor) else np.asarray(keys)
     best = torch.full((q.shape[0],), -math.inf)
     index = torch.full((q.shape[0],), -1, dtype=torch.long)
     for s in range(0, k.shape[0], block):
-        sims = q @ torch.nn.functional.normalize(k[s : s + block], dim=1).T
+        kb = k[s : s + block]  # a copied block: keys read from Parquet are read-only arrays
+        kb = kb.float() if isinstance(kb, torch.Tensor) else torch.from_numpy(np.array(kb, dtype=np.float32))
+        sims = q @ torch.nn.functional.normalize(kb, dim=1).T
         value, at = sims.max(dim=1)
         better = value > best
         best = torch.where(better, value, best)
