@@ -68,11 +68,7 @@ class Distill(Stage):
     seeded = True
     memory_knobs = ("generate.concurrency", "generate.batch_size", "generate.micro_batch", "generate.num_cpus")
 
-    config_path = "lmmixup"
-
-    @property
-    def section(self):
-        return self.cfg.lmmixup
+    config_path = "lmmixup"  # its settings: cfg.lmmixup
 
     def config(self) -> dict:
         s = self.section

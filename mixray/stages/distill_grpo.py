@@ -71,11 +71,7 @@ class DistillGRPO(Stage):
     seeded = True
     memory_knobs = ("grpo.per_device_batch_size", "grpo.max_completion_length", "grpo.num_workers")
 
-    config_path = "lmmixup"
-
-    @property
-    def section(self):
-        return self.cfg.lmmixup
+    config_path = "lmmixup"  # its settings: cfg.lmmixup
 
     def config(self) -> dict:
         s = self.section

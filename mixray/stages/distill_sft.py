@@ -29,11 +29,7 @@ class DistillSFT(Train):
         SFT_MODEL, SFT_MERGED, SFT_METRICS, SFT_PLOT, SFT_ROWS)
     outputs = (SFT_MODEL, SFT_MERGED, SFT_METRICS, SFT_PLOT, SFT_ROWS)
 
-    config_path = "lmmixup.sft"
-
-    @property
-    def section(self):
-        return self.cfg.lmmixup.sft
+    config_path = "lmmixup.sft"  # its settings: cfg.lmmixup.sft
 
     def check(self) -> None:
         from mixray.algorithms.lmmixup import SYSTEM_PROMPT

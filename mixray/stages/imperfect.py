@@ -99,11 +99,7 @@ class Imperfect(Stage):
     seeded = True
     memory_knobs = ("clusters.concurrency",)
 
-    config_path = "lmmixup"
-
-    @property
-    def section(self):
-        return self.cfg.lmmixup
+    config_path = "lmmixup"  # its settings: cfg.lmmixup
 
     def config(self) -> dict:
         s = self.section

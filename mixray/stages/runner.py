@@ -106,7 +106,7 @@ class Stage:
     seeded: ClassVar[bool] = False  # whether the run's seed is part of the config hash
     # actor-pool knobs that an out-of-memory kill should name, under the stage's config section
     memory_knobs: ClassVar[tuple[str, ...]] = ()
-    config_path: ClassVar[str | None] = None  # that section's dotted path (None: the stage's name)
+    config_path: ClassVar[str | None] = None  # the section's dotted path (None: the stage's name)
 
     def __init__(self, cfg: RunConfig, run_dir: Path):
         self.cfg = cfg
@@ -116,8 +116,11 @@ class Stage:
 
     @property
     def section(self) -> Any:
-        """This stage's config section (``cfg.<name>``)."""
-        return getattr(self.cfg, self.name)
+        """This stage's config section: ``cfg.<config_path>`` (dotted), else ``cfg.<name>``."""
+        node = self.cfg
+        for part in (self.config_path or self.name).split("."):
+            node = getattr(node, part)
+        return node
 
     def config(self) -> dict[str, Any]:
         """The settings whose change recomputes the stage (hashed)."""
