@@ -170,27 +170,20 @@ class DistillGRPO(Stage):
     def _fit(self, config: dict, prompts: pa.Table) -> None:
         import ray
 
-        from mixray.console import follow, stage_bar, verbose
+        from mixray.console import verbose
+        from mixray.stages.train import training_console
         from mixray.training.grpo import grpo_loop_per_worker
         from mixray.training.loop import fit
-        from mixray.training.metrics import last_step
 
         g = self.section.grpo
         have = ray.cluster_resources()
         use_gpu = have.get("GPU", 0) >= 1 if g.use_gpu == "auto" else bool(g.use_gpu)
         res = dict(g.resources_per_worker or ({"CPU": 1.0, "GPU": 1.0} if use_gpu else {"CPU": 1.0}))
         config["precision"] = "bf16" if (g.precision == "bf16" or (g.precision == "auto" and use_gpu)) else "fp32"
-        ctx = ray.data.DataContext.get_current()
-        bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False
-        metrics_csv = Path(config["log_dir"]) / "metrics.csv"
-        try:  # one bar that follows the steps rank 0 logs, as for train
-            with stage_bar(self.name, g.max_steps, unit="steps") as bar, \
-                    follow(bar, lambda: last_step(metrics_csv)):
-                fit(config, {"grpo": ray.data.from_arrow(prompts)}, num_workers=g.num_workers,
-                    use_gpu=use_gpu, resources_per_worker=res, storage_path=str(self._dirs[2]),
-                    name=Path(config["output_dir"]).name, max_failures=g.max_failures, keep_checkpoints=1,
-                    log_level="INFO" if verbose() else "WARNING", train_loop=grpo_loop_per_worker)
-        finally:
-            ctx.enable_progress_bars = bars
+        with training_console(self.name, g.max_steps, Path(config["log_dir"])):
+            fit(config, {"grpo": ray.data.from_arrow(prompts)}, num_workers=g.num_workers,
+                use_gpu=use_gpu, resources_per_worker=res, storage_path=str(self._dirs[2]),
+                name=Path(config["output_dir"]).name, max_failures=g.max_failures, keep_checkpoints=1,
+                log_level="INFO" if verbose() else "WARNING", train_loop=grpo_loop_per_worker)
         if not (Path(config["export_dir"]) / "config.json").is_file():
             raise RuntimeError(f"GRPO finished without exporting a model to {config['export_dir']}")

@@ -32,12 +32,14 @@ any worker starts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -543,6 +545,23 @@ def rank_datasets(tokens: pa.Table, num_workers: int, prefix: str = "train_") ->
             for r in range(num_workers)}
 
 
+@contextlib.contextmanager
+def training_console(stage: str, total_steps: int, log_dir: Path) -> Iterator[None]:
+    """The driver's console while Ray Train runs: Ray Data's bars off (one per worker per
+    epoch otherwise) and one bar for ``stage`` that follows the steps rank 0 writes to
+    ``log_dir/metrics.csv``."""
+    import ray
+
+    metrics_csv = log_dir / "metrics.csv"
+    ctx = ray.data.DataContext.get_current()
+    bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False
+    try:
+        with stage_bar(stage, total_steps, unit="steps") as bar, follow(bar, lambda: last_step(metrics_csv)):
+            yield
+    finally:
+        ctx.enable_progress_bars = bars
+
+
 def fit_job(job: TrainingJob, tokens: pa.Table, storage: Path, loop_config: dict[str, Any],
             stage: str = "train"):
     """Train ``job`` on its tokenized rows with ``fit`` (Ray Train); returns the ``Result``.
@@ -552,23 +571,14 @@ def fit_job(job: TrainingJob, tokens: pa.Table, storage: Path, loop_config: dict
     The console shows one bar for ``stage`` that follows the steps rank 0 logs.
     Fails unless the final export (``loop_config["export_dir"]``) holds a model.
     """
-    import ray
-
     from mixray.training.loop import fit
 
     cfg = job.cfg
-    metrics_csv = Path(loop_config["log_dir"]) / "metrics.csv"
-    ctx = ray.data.DataContext.get_current()
-    bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # no bar per worker per epoch
-    try:
-        with stage_bar(stage, job.total_steps, unit="steps") as bar, \
-                follow(bar, lambda: last_step(metrics_csv)):
-            result = fit(loop_config, rank_datasets(tokens, cfg.num_workers), num_workers=cfg.num_workers,
-                         use_gpu=job.use_gpu, resources_per_worker=job.resources, storage_path=str(storage),
-                         name=job.run_name, max_failures=cfg.max_failures, keep_checkpoints=cfg.keep_checkpoints,
-                         log_level="INFO" if verbose() else "WARNING")
-    finally:
-        ctx.enable_progress_bars = bars
+    with training_console(stage, job.total_steps, Path(loop_config["log_dir"])):
+        result = fit(loop_config, rank_datasets(tokens, cfg.num_workers), num_workers=cfg.num_workers,
+                     use_gpu=job.use_gpu, resources_per_worker=job.resources, storage_path=str(storage),
+                     name=job.run_name, max_failures=cfg.max_failures, keep_checkpoints=cfg.keep_checkpoints,
+                     log_level="INFO" if verbose() else "WARNING")
     export_dir = Path(loop_config["export_dir"])
     if not any((export_dir / f).is_file() for f in ("config.json", "adapter_config.json")):
         raise RuntimeError(f"training finished without exporting a model to {export_dir}")
