@@ -9,7 +9,7 @@ identically in every process. α = 0 (apricot has no quality term).
 
 Each method runs in a fresh subprocess (so peak memory does not contaminate the
 others) and reports wall time of the selection call (data generation and
-``ray.init`` excluded; actor start-up included) and peak memory: the larger of
+``ray.init`` and imports excluded; actor start-up included) and peak memory: the larger of
 the worker's ``ru_maxrss`` and the polled RSS sum over its process tree (Ray
 actors included; shared pages counted per process, so this over-estimates).
 Every ranking is then scored by the parent with ONE objective, mixray's
@@ -149,6 +149,12 @@ def worker(method: str, n: int, k: int, budget_mb: float, out: str, threads: int
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
     x = clustered(n)
+    # Imports are not timed (torch, sklearn, numba, apricot: seconds of import for either side).
+    if method.startswith("apricot"):
+        import apricot  # noqa: F401
+    else:
+        import mixray.algorithms.qdit  # noqa: F401
+        import mixray.distributed.selection  # noqa: F401
     if method in ("mixray-sharded2", "mixray-greedi4"):
         import ray
 
