@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -131,14 +132,11 @@ class LMLastHiddenEncoder:
 
     def __init__(self, model_path: str, text: str = "full", normalize: bool = False,
                  max_length: int = 512, threads: int | None = None, micro_batch: int = 8):
-        from transformers import AutoModelForCausalLM
-
         self.device = _device(threads)
         model_path = resolve_model(model_path)
         self.tok = _load_tokenizer(model_path)
         self.tok.padding_side = "right"
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
+        self.model = load_pretrained(model_path, self.device)
         self.text, self.normalize, self.max_length, self.micro = text, normalize, max_length, micro_batch
 
     @property
@@ -190,13 +188,26 @@ def response_losses(model, seqs: list[tuple[list[int], Response]], pad_id: int, 
     return out
 
 
-def _load_causal_lm(model_path: str, device: torch.device, trust_remote_code: bool = False):
-    """A causal LM (or a LoRA adapter on its base) in eval mode: bf16 on CUDA, float32 on CPU."""
-    from transformers import AutoModelForCausalLM
+def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """The weights' dtype for inference (``mixray.choices.INFERENCE_PRECISIONS``):
+    ``auto`` = bfloat16 on CUDA, float32 on CPU; ``bf16`` / ``fp32`` as named.
+    Log-probabilities are computed in float32 from the logits either way."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if precision not in dtypes:
+        raise ValueError(f"precision must be one of auto, fp32, bf16; got {precision!r}")
+    return dtypes[precision]
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=dtype, trust_remote_code=trust_remote_code).to(device).eval()
+
+def load_pretrained(model_path: str, device: torch.device, precision: str = "auto",
+                    trust_remote_code: bool = False, auto_class: Any = None):
+    """``auto_class.from_pretrained`` (default ``AutoModelForCausalLM``; a LoRA adapter directory
+    loads its base model) in eval mode on ``device``, weights in ``inference_dtype(precision)``."""
+    if auto_class is None:
+        from transformers import AutoModelForCausalLM as auto_class
+    return auto_class.from_pretrained(model_path, dtype=inference_dtype(device, precision),
+                                      trust_remote_code=trust_remote_code).to(device).eval()
 
 
 def _encoded(tok, batch: dict[str, np.ndarray], max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -222,11 +233,11 @@ class IFDScorer:
     backend = "ifd"
 
     def __init__(self, model_path: str, max_length: int = 512, micro_batch: int = 4,
-                 threads: int | None = None, trust_remote_code: bool = False):
+                 threads: int | None = None, trust_remote_code: bool = False, precision: str = "auto"):
         self.device = _device(threads)
         model_path = resolve_model(model_path)
         self.tok = _load_tokenizer(model_path, trust_remote_code)
-        self.model = _load_causal_lm(model_path, self.device, trust_remote_code)
+        self.model = load_pretrained(model_path, self.device, precision, trust_remote_code)
         self.max_length, self.micro = max_length, micro_batch
         prefix = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
         self.prefix = [int(prefix)]
@@ -260,10 +271,10 @@ class ResponseLossScorer:
     """
 
     def __init__(self, model_path: str, max_length: int = 512, micro_batch: int = 4,
-                 threads: int | None = None, trust_remote_code: bool = False):
+                 threads: int | None = None, trust_remote_code: bool = False, precision: str = "auto"):
         self.device = _device(threads)
         self.tok = _load_tokenizer(model_path, trust_remote_code)
-        self.model = _load_causal_lm(model_path, self.device, trust_remote_code)
+        self.model = load_pretrained(model_path, self.device, precision, trust_remote_code)
         self.max_length, self.micro = max_length, micro_batch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -284,16 +295,16 @@ class RewardModelScorer:
     backend = "reward-model"
 
     def __init__(self, model_path: str, max_length: int = 512, micro_batch: int = 8,
-                 label_index: int = 0, threads: int | None = None, trust_remote_code: bool = False):
+                 label_index: int = 0, threads: int | None = None, trust_remote_code: bool = False,
+                 precision: str = "auto"):
         from transformers import AutoModelForSequenceClassification
 
         self.device = _device(threads)
         model_path = resolve_model(model_path)
         self.tok = _load_tokenizer(model_path, trust_remote_code)
         self.tok.padding_side = "right"
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.model = load_pretrained(model_path, self.device, precision, trust_remote_code,
+                                     AutoModelForSequenceClassification)
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tok.pad_token_id
         self.max_length, self.micro, self.label_index = max_length, micro_batch, label_index

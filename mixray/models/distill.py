@@ -22,7 +22,7 @@ import torch
 
 from mixray.algorithms.lmmixup import SYSTEM_PROMPT, answer_text
 from mixray.algorithms.lmmixup_rewards import KnnBayesRater, alignment_reward, format_reward
-from mixray.models.callables import _device, _load_tokenizer
+from mixray.models.callables import _device, _load_tokenizer, load_pretrained
 from mixray.models.registry import resolve_model
 from mixray.models.text import prompt_text
 
@@ -122,16 +122,13 @@ class DistillGenerator:
 
     def __init__(self, model_path: str, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, micro_batch: int = 8, max_prompt_length: int = 1024,
-                 seed: int = 0, threads: int | None = None, trust_remote_code: bool = False):
-        from transformers import AutoModelForCausalLM
-
+                 seed: int = 0, threads: int | None = None, trust_remote_code: bool = False,
+                 precision: str = "auto"):
         self.device = _device(threads)
         model_path = resolve_model(model_path, "lmmixup.generate.base_model")  # on this node
         self.tok = _load_tokenizer(model_path, trust_remote_code)
         self.tok.padding_side = "left"
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.model = load_pretrained(model_path, self.device, precision, trust_remote_code)
         self.gen = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0,
                     "pad_token_id": self.tok.pad_token_id}
         if temperature > 0:

@@ -28,7 +28,7 @@ import torch
 
 from mixray.algorithms.batching import sft_batch
 from mixray.algorithms.evaluation import cut_at_stops, target_logprobs
-from mixray.models.callables import _device, _load_tokenizer
+from mixray.models.callables import _device, _load_tokenizer, load_pretrained
 from mixray.models.registry import resolve_model
 from mixray.models.sft import encode_example
 from mixray.models.text import prompt_text
@@ -42,15 +42,12 @@ class LMEvaluator:
     """Log-likelihood and greedy-generation requests on one model (see the module docstring)."""
 
     def __init__(self, model_path: str, max_length: int = 1024, max_new_tokens: int = 256,
-                 micro_batch: int = 4, threads: int | None = None, trust_remote_code: bool = False):
-        from transformers import AutoModelForCausalLM
-
+                 micro_batch: int = 4, threads: int | None = None, trust_remote_code: bool = False,
+                 precision: str = "auto"):
         self.device = _device(threads)
         path = resolve_model(model_path)
         self.tok = _load_tokenizer(path, trust_remote_code)
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.model = load_pretrained(path, self.device, precision, trust_remote_code)
         self.max_length, self.max_new, self.micro = max_length, max_new_tokens, micro_batch
         bos = self.tok.bos_token_id
         self.prefix = [int(bos)] if bos is not None else []

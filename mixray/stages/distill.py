@@ -166,7 +166,8 @@ class Distill(Stage):
         check_model(self.model, "lmmixup.generate.base_model", need="model")
         kw = {"model_path": worker_model_ref(self.model),  # an alias resolves on the actor's node
               "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
-              "micro_batch": g.micro_batch, "max_prompt_length": g.max_prompt_length, "seed": self.cfg.seed}
+              "micro_batch": g.micro_batch, "max_prompt_length": g.max_prompt_length, "seed": self.cfg.seed,
+              "precision": g.precision}
         out = map_with_actors(ray.data.from_arrow_refs(refs), DistillGenerator, kw, g, "lmmixup.generate")
         parts.mkdir(parents=True, exist_ok=True)
         for batch in out.iter_batches(batch_size=None, batch_format="numpy"):

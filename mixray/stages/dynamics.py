@@ -268,7 +268,8 @@ class Dynamics(Stage):
 
         sec, t0 = self.section, time.time()
         kwargs = {"model_path": str(path), "max_length": sec.max_length or self.ref.max_length,
-                  "micro_batch": sec.micro_batch, "trust_remote_code": self.ref.trust_remote_code}
+                  "micro_batch": sec.micro_batch, "trust_remote_code": self.ref.trust_remote_code,
+                  "precision": sec.precision}
         by_id: dict[str, float] = {}
         out = map_with_actors(ds, ResponseLossScorer, kwargs, sec, "dynamics")
         for batch in out.iter_batches(batch_size=None, batch_format="numpy"):

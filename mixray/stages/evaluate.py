@@ -119,7 +119,8 @@ def run_requests(requests: list[dict], model: str, cfg, label: str) -> dict[str,
 
     order = sorted(requests, key=lambda r: (r["kind"], len(r["context"]) + len(r["continuation"])))
     kwargs = {"model_path": model, "max_length": cfg.max_length, "max_new_tokens": cfg.max_new_tokens,
-              "micro_batch": cfg.micro_batch, "trust_remote_code": cfg.trust_remote_code}
+              "micro_batch": cfg.micro_batch, "trust_remote_code": cfg.trust_remote_code,
+              "precision": cfg.precision}
     log.info("evaluate[%s]: %d requests on %s", label, len(order), model)
     ds = table_dataset(pa.Table.from_pylist(order), cfg.batch_size)
     out = {}

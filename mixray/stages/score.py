@@ -82,7 +82,7 @@ def _model_scores(cfg: ScoreConfig, ray_cfg: RayConfig, examples: Path, seed: in
     columns = CONVERSATION_COLUMNS if cfg.backend == "ifd" else TEXT_COLUMNS  # IFD: every turn's response
     ds = read_examples(str(examples), list(columns), cfg.batch_size, rows=rows)
     kwargs = {"model_path": cfg.model, "max_length": cfg.max_length,
-              "trust_remote_code": cfg.trust_remote_code}
+              "trust_remote_code": cfg.trust_remote_code, "precision": cfg.precision}
     if cfg.backend == "reward-model":
         kwargs["label_index"] = cfg.label_index
     out = map_with_actors(ds, SCORERS[cfg.backend], kwargs, cfg, "score")

@@ -69,6 +69,7 @@ def test_registries_have_exactly_the_choices():
     (EmbedConfig, {"encoder": "lm-embedding", "encode_batch_size": 8}, "encode_batch_size"),
     (ScoreConfig, {"backend": "ifd", "label_index": 1}, "label_index"),
     (ScoreConfig, {"backend": "ifd", "column": "q"}, "column"),
+    (ScoreConfig, {"backend": "column", "precision": "bf16"}, "precision"),
     (BenchmarkConfig, {"name": "arc", "kind": "multiple-choice", "path": "x", "shots": 2}, "shots"),
 ])
 def test_settings_that_do_not_apply_are_rejected(model, data, key):

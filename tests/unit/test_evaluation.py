@@ -131,3 +131,26 @@ def test_greedy_generation_matches_token_by_token_argmax(evaluator):
                     break
         n_prompt = 1 + len(tok(p, add_special_tokens=False)["input_ids"])
         assert got["text"][i] == tok.decode(ids[n_prompt:], skip_special_tokens=True)
+
+
+def test_bf16_evaluator_holds_bf16_weights_and_agrees_with_float32(tiny_lm_dir, evaluator):
+    """``precision: bf16`` (the demo's setting on CPU): the weights are bfloat16, the log-probs are
+    still summed in float32/64 from the logits, and stay within bf16 rounding of float32's."""
+    from mixray.models.callables import inference_dtype
+    from mixray.models.evaluation import LMEvaluator
+
+    cpu = torch.device("cpu")
+    assert inference_dtype(cpu) == torch.float32 and inference_dtype(cpu, "bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="precision"):
+        inference_dtype(cpu, "fp16")
+    bf16 = LMEvaluator(str(tiny_lm_dir), max_length=256, max_new_tokens=6, micro_batch=2, threads=1,
+                       precision="bf16")
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    batch = {"rid": np.array(["a", "b"]), "kind": np.array(["option", "response"]),
+             "context": np.array(["Question: 2+2?\nAnswer:", "Add the numbers."]),
+             "input": np.array(["", "2 and 3"]), "continuation": np.array([" 4", "5"]),
+             "stop": np.array(["", ""])}
+    lo, hi = bf16(batch), evaluator(batch)
+    assert lo["logprob"].dtype == np.float64 and list(lo["tokens"]) == list(hi["tokens"])
+    np.testing.assert_allclose(lo["logprob"], hi["logprob"], rtol=0.05, atol=0.05)
+    assert not np.allclose(lo["logprob"], hi["logprob"], rtol=0, atol=1e-7)  # bf16 really ran
