@@ -1,6 +1,6 @@
 """LM-Mixup generation: one process with a `generate` loop vs `map_with_actors` on Ray Data.
 
-    make bench-generate        # or: .venv/bin/python benchmarks/bench_generate.py --clusters 32
+    make bench-generate        # or: .venv/bin/python benchmarks/bench_generate.py --clusters 64
 
 Both distil the same cluster prompts (synthetic clusters of degraded ShareGPT / GSM8K pairs
 from the packages, built with the distiller's prompt template) with the same model
@@ -85,7 +85,7 @@ def distributed(model: str, texts: list[str], args) -> tuple[float, list[str]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--clusters", type=int, default=32)
+    ap.add_argument("--clusters", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--micro", type=int, default=4, help="prompts per generate call (and per Ray Data batch)")
     ap.add_argument("--actors", type=int, default=2)
