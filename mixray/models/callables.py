@@ -24,6 +24,7 @@ from mixray.algorithms.devices import resolve_device
 from mixray.algorithms.ifd import ifd_quality, ifd_ratio
 from mixray.algorithms.losses import row_mean_nll
 from mixray.algorithms.pooling import l2_normalize, last_token, mean_pool
+from mixray.errors import ConfigError
 from mixray.models.registry import resolve_model
 from mixray.models.sft import encode_example
 from mixray.models.sft import load_tokenizer as _load_tokenizer
@@ -196,7 +197,7 @@ def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtyp
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     if precision not in dtypes:
-        raise ValueError(f"precision must be one of auto, fp32, bf16; got {precision!r}")
+        raise ConfigError(f"precision must be one of auto, fp32, bf16; got {precision!r}")
     return dtypes[precision]
 
 
