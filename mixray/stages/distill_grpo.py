@@ -171,15 +171,13 @@ class DistillGRPO(Stage):
         import ray
 
         from mixray.console import verbose
-        from mixray.stages.train import training_console
+        from mixray.stages.train import resolve_precision, training_console, worker_resources
         from mixray.training.grpo import grpo_loop_per_worker
         from mixray.training.loop import fit
 
         g = self.section.grpo
-        have = ray.cluster_resources()
-        use_gpu = have.get("GPU", 0) >= 1 if g.use_gpu == "auto" else bool(g.use_gpu)
-        res = dict(g.resources_per_worker or ({"CPU": 1.0, "GPU": 1.0} if use_gpu else {"CPU": 1.0}))
-        config["precision"] = "bf16" if (g.precision == "bf16" or (g.precision == "auto" and use_gpu)) else "fp32"
+        use_gpu, res = worker_resources(g, self.cfg.ray, "lmmixup.grpo")
+        config["precision"] = resolve_precision(g.precision, use_gpu, "lmmixup.grpo")
         with training_console(self.name, g.max_steps, Path(config["log_dir"])):
             fit(config, {"grpo": ray.data.from_arrow(prompts)}, num_workers=g.num_workers,
                 use_gpu=use_gpu, resources_per_worker=res, storage_path=str(self._dirs[2]),

@@ -370,15 +370,19 @@ def _schedule(cfg: TrainConfig, groups: np.ndarray, world: int, seed: int) -> tu
     return ranks, per_epoch, total
 
 
-def _resolve_precision(cfg: TrainConfig, use_gpu: bool) -> str:
-    if cfg.precision == "auto":
+def resolve_precision(precision: str, use_gpu: bool, key: str = "train") -> str:
+    """``auto`` -> bf16 on GPUs, fp32 on CPU; fp16 only with GPUs (``key``: the config section)."""
+    if precision == "auto":
         return "bf16" if use_gpu else "fp32"
-    if cfg.precision == "fp16" and not use_gpu:
-        raise ConfigError("train.precision=fp16 needs GPUs (no fp16 loss scaling on CPU); use bf16 or fp32")
-    return cfg.precision
+    if precision == "fp16" and not use_gpu:
+        raise ConfigError(f"{key}.precision=fp16 needs GPUs (no fp16 loss scaling on CPU); use bf16 or fp32")
+    return precision
 
 
-def _worker_resources(cfg: TrainConfig, ray_cfg: RayConfig) -> tuple[bool, dict[str, float]]:
+def worker_resources(cfg: Any, ray_cfg: RayConfig, key: str = "train") -> tuple[bool, dict[str, float]]:
+    """``(use_gpu, resources per worker)`` of a Ray Train run from a section with ``use_gpu``,
+    ``resources_per_worker`` and ``num_workers`` (``key``: its config path, for the errors);
+    on a local Ray, fails at once when the workers cannot all be placed."""
     import ray
 
     have = ray.cluster_resources()
@@ -387,14 +391,14 @@ def _worker_resources(cfg: TrainConfig, ray_cfg: RayConfig) -> tuple[bool, dict[
     if use_gpu:
         res.setdefault("GPU", 1.0)
     elif res.get("GPU"):
-        raise ConfigError("train.resources_per_worker asks for GPUs but train.use_gpu is false")
+        raise ConfigError(f"{key}.resources_per_worker asks for GPUs but {key}.use_gpu is false")
     local = not (ray_cfg.address or os.environ.get("RAY_ADDRESS"))
     for k, v in res.items():
         need = v * cfg.num_workers
         if local and have.get(k, 0) < need:
-            raise ConfigError(f"train: {cfg.num_workers} workers × {k}={v} need {need:g} {k}, but the "
-                              f"local Ray has {have.get(k, 0):g}; lower train.num_workers or "
-                              "train.resources_per_worker")
+            raise ConfigError(f"{key}: {cfg.num_workers} workers × {k}={v} need {need:g} {k}, but the "
+                              f"local Ray has {have.get(k, 0):g}; lower {key}.num_workers or "
+                              f"{key}.resources_per_worker")
     return use_gpu, res
 
 
@@ -524,8 +528,8 @@ def resolve_job(job: TrainingJob, ray_cfg: RayConfig) -> TrainingJob:
         check_lora_targets(job.model_path, cfg.lora.target_modules, cfg.trust_remote_code)
     job.pad_id = int(load_tokenizer(job.model_path, cfg.trust_remote_code).pad_token_id)
     init_ray(ray_cfg)
-    job.use_gpu, job.resources = _worker_resources(cfg, ray_cfg)
-    job.precision = _resolve_precision(cfg, job.use_gpu)
+    job.use_gpu, job.resources = worker_resources(cfg, ray_cfg)
+    job.precision = resolve_precision(cfg.precision, job.use_gpu)
     if cfg.deepspeed.enabled:
         from mixray.training.deepspeed_config import build_deepspeed_config
 

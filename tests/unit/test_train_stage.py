@@ -190,3 +190,26 @@ def test_loss_plot_smooths_marks_epochs_and_shows_a_single_step(tmp_path):
     blue = (img[..., 2] - img[..., 0] > 60) & (img[..., 2] > 150)
     h, w = blue.shape
     assert blue[int(0.25 * h):int(0.45 * h), int(0.45 * w):int(0.6 * w)].sum() > 10
+
+
+def test_worker_resources_and_precision_name_the_section_they_read(monkeypatch):
+    """One rule for train and the LM-Mixup GRPO stage: auto precision and GPUs, placement on a
+    local Ray checked at once, and the error names the section's own keys."""
+    import ray
+
+    from mixray.config import LMGRPOSettings, RayConfig
+    from mixray.stages.train import resolve_precision, worker_resources
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    grpo = LMGRPOSettings(num_workers=2)
+    assert worker_resources(grpo, RayConfig(), "lmmixup.grpo") == (False, {"CPU": 1.0})
+    assert resolve_precision("auto", False, "lmmixup.grpo") == "fp32"
+    assert resolve_precision("auto", True) == "bf16" and resolve_precision("bf16", False) == "bf16"
+    with pytest.raises(ConfigError, match=r"lmmixup\.grpo: 3 workers × CPU=1.0 need 3 CPU.*lower lmmixup\.grpo\.num_workers"):
+        worker_resources(LMGRPOSettings(num_workers=3), RayConfig(), "lmmixup.grpo")
+    with pytest.raises(ConfigError, match=r"^train\.resources_per_worker asks for GPUs but train\.use_gpu is false"):
+        worker_resources(TrainConfig(use_gpu=False, resources_per_worker={"CPU": 1, "GPU": 1}), RayConfig())
+    with pytest.raises(ConfigError, match=r"^train\.precision=fp16 needs GPUs"):
+        resolve_precision("fp16", False)
+    assert worker_resources(grpo, RayConfig(address="auto"), "lmmixup.grpo")[1] == {"CPU": 1.0}  # a cluster may scale
