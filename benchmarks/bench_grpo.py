@@ -67,7 +67,7 @@ def _config(tmp: Path, name: str, args, workers: int, zero: int | None) -> dict:
             "deepspeed": grpo_deepspeed_config(zero) if zero is not None else None,
             "threads": max(1, cores // workers), "knn_k": 16, "good_class": 4, "alignment_threshold": 0.8,
             "task": "qa", "reward_model": None, "reward_threshold": 0.0, "warmup_ratio": 0.0,
-            "max_grad_norm": 1.0}
+            "max_grad_norm": 1.0, "repetition_penalty": 1.0}
 
 
 def _data(n: int):

@@ -584,6 +584,7 @@ class LMGRPOSettings(_Strict):
     prompts: int | None = Field(default=None, ge=1, description="training pairs used as prompts (null: all)")
     num_generations: int = Field(default=4, ge=2, description="G samples per prompt")
     temperature: float = Field(default=1.0, gt=0)
+    repetition_penalty: float = Field(default=1.0, gt=0, description="as lmmixup.generate's; 1.0 = none")
     max_completion_length: int = Field(default=256, ge=8)
     beta: float = Field(default=0.01, ge=0, description="k3 KL coefficient to the starting model")
     epsilon: float = Field(default=0.2, gt=0, description="ratio clip, low side")
@@ -627,6 +628,9 @@ class LMGenerateSettings(ModelPoolConfig):
     max_prompt_length: int = Field(default=1024, ge=32)
     temperature: float = Field(default=0.0, ge=0, description="0 = greedy")
     top_p: float = Field(default=1.0, gt=0, le=1)
+    repetition_penalty: float = Field(
+        default=1.0, gt=0, description="Hugging Face generate's (CTRL) penalty; 1.0 = none. A small "
+        "distiller loops on repeated tokens until max_new_tokens without it")
     clusters: int | None = Field(default=None, ge=1, description="distil only the first n clusters")
 
 

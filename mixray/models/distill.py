@@ -115,7 +115,9 @@ def chat_prompt(tok, user: str) -> str:
 class DistillGenerator:
     """Ray Data callable: clusters (``cluster``, ``prompt``) -> ``cluster, output`` (the generated text).
 
-    Greedy decoding when ``temperature == 0``, sampling otherwise (seeded per batch by its
+    Greedy decoding when ``temperature == 0``, sampling otherwise; ``repetition_penalty`` is
+    Hugging Face's (logits of tokens already in the sequence divided by it when positive,
+    multiplied when negative; 1.0 = off) (seeded per batch by its
     first cluster id, so a re-run gives the same text). Micro-batches of ``micro_batch``
     prompts, left-padded.
     """
@@ -123,14 +125,14 @@ class DistillGenerator:
     def __init__(self, model_path: str, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, micro_batch: int = 8, max_prompt_length: int = 1024,
                  seed: int = 0, threads: int | None = None, trust_remote_code: bool = False,
-                 precision: str = "auto"):
+                 precision: str = "auto", repetition_penalty: float = 1.0):
         self.device = _device(threads)
         model_path = resolve_model(model_path, "lmmixup.generate.base_model")  # on this node
         self.tok = _load_tokenizer(model_path, trust_remote_code)
         self.tok.padding_side = "left"
         self.model = load_pretrained(model_path, self.device, precision, trust_remote_code)
         self.gen = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0,
-                    "pad_token_id": self.tok.pad_token_id}
+                    "pad_token_id": self.tok.pad_token_id, "repetition_penalty": repetition_penalty}
         if temperature > 0:
             self.gen |= {"temperature": temperature, "top_p": top_p}
         self.micro, self.max_prompt_length, self.seed = micro_batch, max_prompt_length, seed

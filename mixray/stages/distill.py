@@ -167,7 +167,7 @@ class Distill(Stage):
         kw = {"model_path": worker_model_ref(self.model),  # an alias resolves on the actor's node
               "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
               "micro_batch": g.micro_batch, "max_prompt_length": g.max_prompt_length, "seed": self.cfg.seed,
-              "precision": g.precision}
+              "precision": g.precision, "repetition_penalty": g.repetition_penalty}
         out = map_with_actors(ray.data.from_arrow_refs(refs), DistillGenerator, kw, g, "lmmixup.generate")
         parts.mkdir(parents=True, exist_ok=True)
         for batch in out.iter_batches(batch_size=None, batch_format="numpy"):

@@ -159,6 +159,7 @@ class DistillGRPO(Stage):
                 "per_device_batch_size": g.per_device_batch_size, "grad_accum": g.grad_accum,
                 "max_steps": g.max_steps, "lr": g.lr, "beta": g.beta, "epsilon": g.epsilon,
                 "epsilon_high": g.epsilon_high, "temperature": g.temperature,
+                "repetition_penalty": g.repetition_penalty,
                 "max_completion_length": g.max_completion_length, "aggregation": r.aggregation,
                 "reward_weights": r.weights, "loss_type": g.loss_type, "save_steps": g.save_steps,
                 "deepspeed": grpo_deepspeed_config(g.zero_stage, g.offload_optimizer) if g.zero_stage else None,

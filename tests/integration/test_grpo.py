@@ -44,7 +44,7 @@ def test_grpo_two_workers_zero2(ray_session, tiny_lm_dir, tmp_path):
         "reward_weights": [0.5, 0.4, 0.1], "loss_type": "dapo", "save_steps": 1,
         "deepspeed": grpo_deepspeed_config(2), "threads": 1, "knn_k": 4, "good_class": 4,
         "alignment_threshold": 0.8, "task": "qa", "reward_model": None, "reward_threshold": 0.0,
-        "warmup_ratio": 0.0, "max_grad_norm": 1.0,
+        "warmup_ratio": 0.0, "max_grad_norm": 1.0, "repetition_penalty": 1.0,
     }
     import ray
 
