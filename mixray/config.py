@@ -629,8 +629,7 @@ class LMGenerateSettings(ModelPoolConfig):
     temperature: float = Field(default=0.0, ge=0, description="0 = greedy")
     top_p: float = Field(default=1.0, gt=0, le=1)
     repetition_penalty: float = Field(
-        default=1.0, gt=0, description="Hugging Face generate's (CTRL) penalty; 1.0 = none. A small "
-        "distiller loops on repeated tokens until max_new_tokens without it")
+        default=1.0, gt=0, description="Hugging Face generate's repetition (CTRL) penalty; 1.0 = none")
     clusters: int | None = Field(default=None, ge=1, description="distil only the first n clusters")
 
 

@@ -2,7 +2,8 @@
 
 ``grpo_loop_per_worker(config)`` runs on every Ray Train worker (gloo on CPU, NCCL on
 GPUs; Ray Train made the process group and set ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``,
-which accelerate picks up)::
+which accelerate picks up — except with one worker and no DeepSpeed, where they are hidden
+so that the trainer runs undistributed, see ``_single_process``)::
 
     prompts of the dataset "grpo" (chat prompt + reference answer), whole on every rank
     rewards = DistillRewards(encoder, library)   -> quality, alignment, format (pure rewards)
@@ -61,7 +62,10 @@ def grpo_deepspeed_config(stage: int, offload_optimizer: bool = False) -> dict[s
     if stage in (1, 2):
         zero["allgather_bucket_size"] = 5e7
     if stage == 3:
-        zero |= {"stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto"}
+        # the exported model (Trainer.save_model) is gathered from the partitions; without
+        # this flag the HF Trainer writes only a DeepSpeed checkpoint and no model weights
+        zero |= {"stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
+                 "stage3_gather_16bit_weights_on_model_save": True}
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",

@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 import pyarrow as pa
+import pytest
 import torch
 from lmmixup_data import CLUSTERS, TARGETS, taught_distiller
 from safetensors.torch import load_file
@@ -23,7 +24,10 @@ from mixray.training.grpo import GRPO_COLUMNS, grpo_deepspeed_config, grpo_loop_
 from mixray.training.loop import fit
 
 
-def test_grpo_two_workers_zero2(ray_session, tiny_lm_dir, tmp_path):
+@pytest.mark.parametrize("workers, zero", [(2, 2), (2, 3), (1, None)], ids=["zero2", "zero3", "one-worker"])
+def test_grpo_step(ray_session, tiny_lm_dir, tmp_path, workers, zero):
+    """2 workers under ZeRO-2 (the recipe) or ZeRO-3, or one worker without DeepSpeed (which
+    runs undistributed: ``_single_process``)."""
     from mixray.models.registry import resolve_model
 
     model_dir = taught_distiller(tiny_lm_dir, tmp_path / "distiller")
@@ -38,18 +42,18 @@ def test_grpo_two_workers_zero2(ray_session, tiny_lm_dir, tmp_path):
         "model_path": str(model_dir), "encoder_path": resolve_model("all-MiniLM-L6-v2"),
         "library_path": str(tmp_path / "library.npz"), "output_dir": str(tmp_path / "out"),
         "export_dir": str(tmp_path / "model"), "log_dir": str(tmp_path / "logs"), "seed": 0,
-        "num_generations": 4, "per_device_batch_size": 4, "grad_accum": 1, "max_steps": 2,
-        "lr": 1e-3, "beta": 0.01, "epsilon": 0.2, "epsilon_high": 0.3, "temperature": 1.0,
+        "num_generations": 4, "per_device_batch_size": 8 // workers, "grad_accum": 1, "max_steps": 2,
+        "lr": 1e-3, "beta": 0.01, "epsilon": 0.2, "epsilon_high": 0.3, "temperature": 0.7,
         "max_completion_length": 48, "aggregation": "sum_then_normalize",
         "reward_weights": [0.5, 0.4, 0.1], "loss_type": "dapo", "save_steps": 1,
-        "deepspeed": grpo_deepspeed_config(2), "threads": 1, "knn_k": 4, "good_class": 4,
+        "deepspeed": grpo_deepspeed_config(zero) if zero else None, "threads": 1, "knn_k": 4, "good_class": 4,
         "alignment_threshold": 0.8, "task": "qa", "reward_model": None, "reward_threshold": 0.0,
         "warmup_ratio": 0.0, "max_grad_norm": 1.0, "repetition_penalty": 1.0,
     }
     import ray
 
     ds = ray.data.from_arrow(pa.Table.from_pylist(prompts))
-    fit(config, {"grpo": ds}, num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1},
+    fit(config, {"grpo": ds}, num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1},
         storage_path=str(tmp_path / "ray"), name="grpo-test", max_failures=0, keep_checkpoints=1,
         train_loop=grpo_loop_per_worker)
 

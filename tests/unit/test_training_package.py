@@ -3,6 +3,7 @@ metrics log, the loop's checkpoint state, the Hugging Face export."""
 
 from __future__ import annotations
 
+import os
 import csv
 
 import numpy as np
@@ -254,3 +255,24 @@ def test_without_warm_up_the_schedule_is_the_plain_cosine():
         opt.step()
         hf.step()
     assert _lrs(warmup=0, total=10) == pytest.approx(want, rel=1e-12)
+
+
+def test_single_worker_grpo_hides_the_distributed_env_from_accelerate(monkeypatch):
+    """A 1-worker GRPO run without DeepSpeed must not be DDP-wrapped (1.28x TRL alone before):
+    Accelerate sees no RANK/LOCAL_RANK while the trainer exists, and they come back after."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    from mixray.training.grpo import _single_process
+
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with _single_process(alone=True):
+        assert not any(k in os.environ for k in env)
+        PartialState._reset_state()
+        assert PartialState(cpu=True).distributed_type == DistributedType.NO
+        PartialState._reset_state()
+    assert {k: os.environ[k] for k in env} == env
+    with _single_process(alone=False):  # several workers or DeepSpeed: untouched
+        assert {k: os.environ[k] for k in env} == env
