@@ -3,8 +3,8 @@ metrics log, the loop's checkpoint state, the Hugging Face export."""
 
 from __future__ import annotations
 
-import os
 import csv
+import os
 
 import numpy as np
 import pytest
