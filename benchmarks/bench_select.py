@@ -205,6 +205,23 @@ def launch(method: str, n: int, k: int, budget_mb: float, tmp: str, timeout: flo
     return res
 
 
+class cpu_hog:
+    """Context: ``n`` busy-loop processes on this machine's cores (a shared, busy node)."""
+
+    def __init__(self, n: int):
+        self.n, self.procs = n, []
+
+    def __enter__(self):
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.n)]
+        time.sleep(1.0)  # let the scheduler see them
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="*", default=[10_000, 20_000])
@@ -222,6 +239,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for mixray's matrix products (default: torch's, = cores)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--hog", type=int, default=0,
+                    help="also run every method at --sizes under this many CPU-hog processes and "
+                         "print each method's slowdown (hog time / quiet time)")
     ap.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -236,21 +256,27 @@ def main() -> None:
     runs = [(n, args.k, args.budget_mb, args.methods) for n in args.sizes]
     if not args.skip_big:
         runs.append((args.big, args.big_k, args.big_budget_mb, ["mixray-lazy"]))
+    if args.hog:
+        runs += [(n, args.k, args.budget_mb, args.methods, args.hog) for n in args.sizes]
     with tempfile.TemporaryDirectory() as tmp:
-        for n, k, budget, methods in runs:
+        for n, k, budget, methods, *hog in runs:
+            hog = hog[0] if hog else 0
             x = clustered(n)
-            print(f"\nN={n}, K={k} (mixray memory_budget_mb={budget:g})", flush=True)
+            print(f"\nN={n}, K={k} (mixray memory_budget_mb={budget:g})"
+                  + (f", under {hog} CPU-hog processes" if hog else ""), flush=True)
             for m in methods:
-                r = launch(m, n, k, budget, tmp, args.timeout, args.threads)
+                with cpu_hog(hog):
+                    r = launch(m, n, k, budget, tmp, args.timeout, args.threads)
                 if r is None:
                     continue
                 r["objective"] = shared_objective(x, r.pop("ranking"))
+                r["hog"] = hog
                 rows.append(r)
                 print(f"  {m:<20} {r['seconds']:8.2f} s  peak {r['peak_bytes'] / 2**20:8.0f} MB  "
                       f"objective d(A)/N = {r['objective']:.6f}", flush=True)
             del x
     print("\nratios (mixray / apricot lazy, same N, same run):")
-    by = {(r["method"], r["n"]): r for r in rows}
+    by = {(r["method"], r["n"]): r for r in rows if not r["hog"]}
     for n in args.sizes:
         base = by.get(("apricot-lazy", n))
         if base is None:
@@ -279,6 +305,12 @@ def main() -> None:
     if big is not None:
         print(f"  N={args.big} K={args.big_k} mixray-lazy: {big['seconds'] / 60:.1f} min, "
               f"peak {big['peak_bytes'] / 2**30:.2f} GB (targets: < 20 min, < 4 GB)")
+    hogged = {(r["method"], r["n"]): r for r in rows if r["hog"]}
+    if hogged:
+        print(f"\nslowdown under {args.hog} CPU-hog processes (hog time / quiet time, same method):")
+        for (m, n), r in hogged.items():
+            if (m, n) in by:
+                print(f"  N={n:>6} {m:<20} {r['seconds'] / by[(m, n)]['seconds']:5.2f}x")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

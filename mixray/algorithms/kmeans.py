@@ -55,6 +55,7 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator
 
+from mixray.algorithms.cores import available_cores
 from mixray.algorithms.devices import resolve_device
 from mixray.algorithms.params import Interval, validate
 from mixray.algorithms.threads import gemm_threads
@@ -366,7 +367,7 @@ class LocalShards:
         self._tau_coef = 64.0 * math.sqrt(X.shape[1]) * torch.finfo(X.dtype).eps
         self.skipped = 0  # points whose distances a step did not compute (all steps)
         if workers is None:  # threads pay off from a few tens of thousands of rows
-            workers = torch.get_num_threads() if n >= PARALLEL_MIN_ROWS else 1
+            workers = available_cores() if n >= PARALLEL_MIN_ROWS else 1
         self.workers = 1 if X.device.type != "cpu" else max(1, min(workers, n))
 
     @property

@@ -1,7 +1,8 @@
 """Torch threads and heap hygiene for the CPU kernels (facility location, KMeans).
 
 ``threads`` in mixray's glossary is the number of torch threads of one process
-(the driver, a Ray actor or a Ray Train worker).
+(the driver, a Ray actor or a Ray Train worker); its default is
+:func:`mixray.algorithms.cores.available_cores`.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ import logging
 import os
 from typing import Literal
 
+from mixray.algorithms.cores import available_cores
 from mixray.algorithms.devices import gpus_to_use
 from mixray.config import RayConfig
 from mixray.console import QUIET_ENV, quiet_ray_data, verbose
@@ -38,7 +39,7 @@ log = logging.getLogger("mixray.runtime")
 
 # Environment that workers must share with the driver (offline flags, model cache).
 PROPAGATE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "MIXRAY_CACHE",
-             "HF_HUB_DISABLE_TELEMETRY")
+             "HF_HUB_DISABLE_TELEMETRY", "OMP_WAIT_POLICY")  # the last: see mixray/__init__.py
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray for a job's entrypoint
 _MAX_LOCAL_OBJECT_STORE = 2 * 1024**3
 WORKER_SETUP_HOOK = "mixray.distributed.worker_setup.setup"
@@ -126,7 +127,7 @@ def _init_local(cfg: RayConfig) -> None:
     import ray
 
     store = cfg.object_store_memory or min(_MAX_LOCAL_OBJECT_STORE, int(0.3 * _total_memory()))
-    num_cpus = cfg.num_cpus or os.cpu_count() or 1
+    num_cpus = cfg.num_cpus or available_cores()  # affinity and cgroup quota, not the host's count
     log.info("ray: starting a local Ray (%d CPUs, object store %.1f GB, dashboard %s)",
              num_cpus, store / 1e9, "on" if cfg.include_dashboard else "off")
     ray.init(

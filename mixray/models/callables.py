@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from mixray.algorithms.batching import Response, sft_batch
+from mixray.algorithms.cores import resolve_threads
 from mixray.algorithms.devices import resolve_device
 from mixray.algorithms.ifd import ifd_quality, ifd_ratio
 from mixray.algorithms.losses import row_mean_nll
@@ -36,8 +37,8 @@ log = logging.getLogger("mixray.models")
 def _device(threads: int | None) -> torch.device:
     """CUDA when this actor sees a GPU, else CPU with ``threads`` torch threads."""
     device = resolve_device("auto")
-    if device.type == "cpu" and threads:
-        torch.set_num_threads(threads)
+    if device.type == "cpu":
+        torch.set_num_threads(resolve_threads(threads))  # default: the cores this process may use
     return device
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mixray.algorithms.cores import resolve_threads
 from mixray.algorithms.facility.cache import choose_threshold
 from mixray.algorithms.facility.greedy import (
     GreedyResult,
@@ -88,7 +89,7 @@ def run_greedy(pool: Pool, k: int, alpha: float, optimizer: str, *, shards: Shar
     runs single-threaded (see :class:`~mixray.algorithms.threads.gemm_threads`).
     """
     cand = None if candidates is None else torch.as_tensor(np.asarray(candidates, dtype=np.int64))
-    threads = threads or torch.get_num_threads()
+    threads = resolve_threads(threads)
     if optimizer == "naive":
         with gemm_threads(threads):
             return naive_greedy(pool.xs, pool.q, alpha, k, candidates=cand, start=start,
