@@ -153,6 +153,9 @@ def worker(method: str, n: int, k: int, budget_mb: float, out: str, threads: int
     if method.startswith("apricot"):
         import apricot  # noqa: F401
     else:
+        from mixray.algorithms.cores import kernel_env
+
+        os.environ.update(kernel_env())  # as the mixray CLI and its selection actors run
         import mixray.algorithms.qdit  # noqa: F401
         import mixray.distributed.selection  # noqa: F401
     if method in ("mixray-sharded2", "mixray-greedi4"):

@@ -19,16 +19,6 @@ Names are imported on first use (a module-level ``__getattr__``), so
 from __future__ import annotations
 
 import importlib
-import os
-
-# OpenMP threads waiting at a barrier sleep instead of spinning (libgomp spins first by
-# default). On cores shared with other processes - a cluster node running several actors -
-# spinning threads take CPU from the ones with work: QDIT selection of 1K from 10K under two
-# CPU hogs on 2 cores took 28.1 s spinning vs 17.6 s passive (quiet: 12.2 vs 11.6 s;
-# benchmarks/README.md). Read once when torch loads its OpenMP runtime, so it is set here,
-# before any mixray module imports torch, and forwarded to local Ray workers
-# (mixray.distributed.runtime.PROPAGATE). A value the user set is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from mixray import console
+from mixray.algorithms.cores import kernel_env
 from mixray.errors import MixrayError
 from mixray.stages import STAGES
 
@@ -199,6 +201,7 @@ def _command(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console.setup(args.verbose)  # before ray, torch or transformers are imported
+    os.environ.update(kernel_env())  # before torch loads OpenMP: selection and KMeans run here
     try:
         return _command(args)
     except KeyboardInterrupt:

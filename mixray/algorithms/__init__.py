@@ -10,5 +10,5 @@ Imports only the standard library, numpy, scipy, torch, scikit-learn,
 - ``mdit``: MDIT's mix planner, mixed vectors, nearest-to-centroid selection;
 - ``losses``, ``batching``, ``sampling``, ``ifd``, ``pooling``: training and scoring math;
 - ``devices`` (the one GPU/device rule), ``params`` (declarative parameter checks),
-  ``threads`` (torch threads, heap trimming).
+  ``cores`` (how many CPUs a process may use), ``threads`` (torch threads, heap trimming).
 """

@@ -99,3 +99,19 @@ def available_cores(*, root: str | Path = "/", environ: Mapping[str, str] | None
 def resolve_threads(threads: int | None) -> int:
     """``threads`` when given, else :func:`available_cores`."""
     return int(threads) if threads else available_cores()
+
+
+def kernel_env() -> dict[str, str]:
+    """Environment for a process that runs the CPU kernels (QDIT selection, KMeans):
+    ``OMP_WAIT_POLICY=PASSIVE`` unless the user set a policy.
+
+    Torch's OpenMP threads spin at every barrier before they sleep. The greedy runs many
+    short parallel regions; on cores shared with other processes (a node running several
+    actors) each barrier then waits for a descheduled thread while its partner burns the CPU
+    it needs: 10K/1K selection under 8 CPU hogs on 2 cores slowed 10.4x spinning, 4.4x
+    passive (apricot 4.5x; benchmarks/README.md). Model forwards and generation, which run
+    hundreds of small parallel regions per token on a quiet machine, lose ~10% passive, so
+    the policy is set only where the kernels run: the ``mixray`` CLI process (it must be in
+    the environment before torch loads OpenMP) and the selection and KMeans actors.
+    """
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator
 
+from mixray.algorithms.cores import kernel_env
 from mixray.algorithms.devices import resolve_device
 from mixray.algorithms.kmeans import (
     DEFAULT_CENTRE_BLOCK,
@@ -268,7 +269,8 @@ class DistributedKMeans(BaseEstimator):
 
         p = self._p
         gpus = gpus_per_actor(p["num_gpus"], where="num_gpus")
-        actor_cls = ray.remote(KMeansShard).options(num_cpus=p["num_cpus"], num_gpus=gpus)
+        actor_cls = ray.remote(KMeansShard).options(num_cpus=p["num_cpus"], num_gpus=gpus,
+                                                    runtime_env={"env_vars": kernel_env()})
         threads = p["threads"] or max(1, int(p["num_cpus"]))
         self._actors = [actor_cls.remote(i, threads, p["centre_block"], gpus > 0)
                         for i in range(p["concurrency"])]

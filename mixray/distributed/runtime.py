@@ -39,7 +39,7 @@ log = logging.getLogger("mixray.runtime")
 
 # Environment that workers must share with the driver (offline flags, model cache).
 PROPAGATE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "MIXRAY_CACHE",
-             "HF_HUB_DISABLE_TELEMETRY", "OMP_WAIT_POLICY")  # the last: see mixray/__init__.py
+             "HF_HUB_DISABLE_TELEMETRY")
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray for a job's entrypoint
 _MAX_LOCAL_OBJECT_STORE = 2 * 1024**3
 WORKER_SETUP_HOOK = "mixray.distributed.worker_setup.setup"

@@ -31,6 +31,7 @@ import numpy as np
 
 from mixray.algorithms import facility as fl
 from mixray.algorithms import qdit
+from mixray.algorithms.cores import kernel_env
 from mixray.algorithms.devices import resolve_device
 from mixray.algorithms.params import Interval, Options, validate
 from mixray.choices import SELECT_OPTIMIZERS
@@ -92,7 +93,8 @@ class RayShards:
         xs_ref = ray.put(pool.xs.cpu().numpy())
         parts = fl.split_columns(pool.n, concurrency)
         step = 0 if start is None else start.step
-        actor_cls = ray.remote(_ShardActor).options(num_cpus=num_cpus, num_gpus=gpus)
+        actor_cls = ray.remote(_ShardActor).options(num_cpus=num_cpus, num_gpus=gpus,
+                                                    runtime_env={"env_vars": kernel_env()})
         self.actors = []
         for cols in parts:
             lo, hi = int(cols[0]), int(cols[-1]) + 1
@@ -204,7 +206,8 @@ def greedi_select(embeddings, quality, k: int, alpha: float, *, partitions: int,
     gpus = gpus_per_actor(num_gpus, device=device, where="num_gpus")
     budget = int(memory_budget_mb * (1 << 20))
     x_ref, q_ref = ray.put(x), ray.put(q)
-    task = ray.remote(_round1_task).options(num_cpus=num_cpus, num_gpus=gpus)
+    task = ray.remote(_round1_task).options(num_cpus=num_cpus, num_gpus=gpus,
+                                            runtime_env={"env_vars": kernel_env()})
     part_device = "cuda" if gpus > 0 else "cpu"
 
     def run_partitions(parts: list[np.ndarray]) -> list[np.ndarray]:
