@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup demo test lint bench bench-embed bench-select bench-kmeans bench-train bench-dynamics bench-generate bench-grpo clean lock
+.PHONY: setup demo test lint bench bench-quick bench-embed bench-select bench-kmeans bench-train bench-dynamics bench-generate bench-grpo clean lock
 
 setup: $(STAMP)
 
@@ -63,8 +63,15 @@ bench-generate: $(VENV)/.mixray-bench
 bench-grpo: $(VENV)/.mixray-bench
 	$(BIN)/python benchmarks/bench_grpo.py
 
-# Every benchmark, one after the other (about an hour on 2 cores; run on a quiet machine).
-bench: bench-embed bench-select bench-kmeans bench-train bench-dynamics bench-generate bench-grpo
+# Every benchmark, one after the other, into one report: benchmarks/results.md + results.json
+# (about 1.5 hours on 2 cores; run on a quiet machine). HOG=8 adds selection under 8 CPU hogs.
+HOG ?= 0
+bench: $(VENV)/.mixray-bench
+	$(BIN)/python benchmarks/report.py --hog $(HOG)
+
+# The same report at small sizes (~15 minutes): checks that every benchmark runs.
+bench-quick: $(VENV)/.mixray-bench
+	$(BIN)/python benchmarks/report.py --quick --hog $(HOG)
 
 lock:
 	$(PIP) freeze --exclude-editable | grep -v '^mixray' | sed 's/+cpu//' > requirements/constraints-cpu.txt
