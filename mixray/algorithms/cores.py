@@ -79,9 +79,12 @@ def cgroup_cpu_limit(root: str | Path = "/") -> float | None:
     return best
 
 
-def available_cores(*, root: str | Path = "/", environ: Mapping[str, str] | None = None) -> int:
+def available_cores(*, omp: bool = True, root: str | Path = "/",
+                    environ: Mapping[str, str] | None = None) -> int:
     """The CPUs this process may use (module docstring): min(affinity, cgroup quota rounded
-    up, ``OMP_NUM_THREADS``), at least 1. ``root``/``environ`` are for tests."""
+    up, ``OMP_NUM_THREADS``), at least 1. ``omp=False`` leaves ``OMP_NUM_THREADS`` out (for
+    the CPUs a local Ray may schedule on: a shell's ``OMP_NUM_THREADS=1`` limits threads,
+    not processes). ``root``/``environ`` are for tests."""
     env = os.environ if environ is None else environ
     try:
         cores = len(os.sched_getaffinity(0))
@@ -90,9 +93,9 @@ def available_cores(*, root: str | Path = "/", environ: Mapping[str, str] | None
     limit = cgroup_cpu_limit(root)
     if limit is not None:
         cores = min(cores, math.ceil(limit))
-    omp = env.get("OMP_NUM_THREADS", "").strip()
-    if omp.isdigit() and int(omp) > 0:
-        cores = min(cores, int(omp))
+    omp_threads = env.get("OMP_NUM_THREADS", "").strip() if omp else ""
+    if omp_threads.isdigit() and int(omp_threads) > 0:
+        cores = min(cores, int(omp_threads))
     return max(1, cores)
 
 
@@ -109,9 +112,11 @@ def kernel_env() -> dict[str, str]:
     short parallel regions; on cores shared with other processes (a node running several
     actors) each barrier then waits for a descheduled thread while its partner burns the CPU
     it needs: 10K/1K selection under 8 CPU hogs on 2 cores slowed 10.4x spinning, 4.4x
-    passive (apricot 4.5x; benchmarks/README.md). Model forwards and generation, which run
-    hundreds of small parallel regions per token on a quiet machine, lose ~10% passive, so
-    the policy is set only where the kernels run: the ``mixray`` CLI process (it must be in
-    the environment before torch loads OpenMP) and the selection and KMeans actors.
+    passive (apricot 4.5x; benchmarks/README.md). Where it is set: the ``mixray`` CLI
+    process (before torch loads OpenMP), hence every worker of the local Ray it starts (they
+    inherit its environment, and on a laptop they all share its cores: the busy case), and
+    the selection and KMeans actors on any cluster (their runtime env). Not on ``import
+    mixray``, and not for model actors on a cluster: alone on a quiet core set, a model
+    forward loses ~10% passive (SmolLM2-135M generation 7.2 s spinning vs 8.0 s passive).
     """
     return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}

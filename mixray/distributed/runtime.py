@@ -127,7 +127,7 @@ def _init_local(cfg: RayConfig) -> None:
     import ray
 
     store = cfg.object_store_memory or min(_MAX_LOCAL_OBJECT_STORE, int(0.3 * _total_memory()))
-    num_cpus = cfg.num_cpus or available_cores()  # affinity and cgroup quota, not the host's count
+    num_cpus = cfg.num_cpus or available_cores(omp=False)  # affinity and cgroup quota, not the host's
     log.info("ray: starting a local Ray (%d CPUs, object store %.1f GB, dashboard %s)",
              num_cpus, store / 1e9, "on" if cfg.include_dashboard else "off")
     ray.init(

@@ -63,6 +63,7 @@ def test_omp_num_threads_and_explicit_threads(tmp_path):
     assert available_cores(root=tmp_path, environ={"OMP_NUM_THREADS": "1"}) == 1
     assert available_cores(root=tmp_path, environ={"OMP_NUM_THREADS": "999"}) == HOST
     assert available_cores(root=tmp_path, environ={"OMP_NUM_THREADS": "junk"}) == HOST
+    assert available_cores(omp=False, root=tmp_path, environ={"OMP_NUM_THREADS": "1"}) == HOST  # local Ray
     assert resolve_threads(3) == 3
 
 
