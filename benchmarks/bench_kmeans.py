@@ -1,6 +1,8 @@
-"""KMeans: scikit-learn (lloyd) vs mixray single-process vs mixray distributed (2 Ray actors).
+"""KMeans: scikit-learn (lloyd) vs mixray single-process vs mixray distributed (2 Ray actors) vs faiss-cpu.
 
-Same data (float32 Gaussian mixture), same initial centres, one run each (or the
+Also faiss-cpu's ``Kmeans`` when installed (the ``bench`` extra), on every point, for
+scikit-learn's number of iterations. Same data (float32 Gaussian mixture; ``--spread``:
+overlapping or well-separated clusters), same initial centres, one run each (or the
 fastest of ``--repeat`` runs, interleaved, on a machine shared with others); prints
 time, iterations, inertia and the ratios of time per Lloyd iteration to
 scikit-learn's. Targets on a 2-core machine: single-process ≤ 1.0×,
@@ -28,10 +30,13 @@ import time
 import numpy as np
 
 
-def make_data(n: int, d: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` points around ``k`` Gaussian centres (overlapping), and ``k`` random rows as init."""
+def make_data(n: int, d: int, k: int, seed: int = 0, spread: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` points around ``k`` Gaussian centres, and ``k`` random rows as init.
+
+    Centres ~ N(0, spread²·I), points = centre + N(0, I): ``spread`` 2 overlaps the clusters
+    (the default), 10 separates them (where full assignment dominates the iteration)."""
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((k, d), dtype=np.float32) * 2.0
+    centres = rng.standard_normal((k, d), dtype=np.float32) * spread
     X = centres[rng.integers(k, size=n)] + rng.standard_normal((n, d), dtype=np.float32)
     init = X[rng.choice(n, size=k, replace=False)].copy()
     return X, init
@@ -51,20 +56,52 @@ def exact_inertia(X: np.ndarray, centres: np.ndarray, labels: np.ndarray) -> flo
                    torch.from_numpy(labels.astype(np.int64)))
 
 
-def run(n: int, d: int, k: int, max_iter: int, tol: float, repeat: int) -> list[dict]:
+class FaissKMeans:
+    """faiss-cpu's ``Kmeans`` on every point (no subsampling), from the same initial centres.
+
+    faiss runs a fixed number of iterations (no tolerance): ``n_iter`` = scikit-learn's count
+    on the same data. ``timings_["lloyd"]`` is ``train`` alone (the final label search apart)."""
+
+    def __init__(self, k: int, init: np.ndarray, n_iter: int):
+        self.k, self.init, self.n_iter_ = k, init, n_iter
+
+    def fit(self, X: np.ndarray) -> FaissKMeans:
+        import faiss
+
+        km = faiss.Kmeans(X.shape[1], self.k, niter=self.n_iter_, max_points_per_centroid=X.shape[0],
+                          seed=0, verbose=False)
+        t = time.perf_counter()
+        km.train(X, init_centroids=self.init)
+        self.timings_ = {"lloyd": time.perf_counter() - t}
+        self.cluster_centers_ = km.centroids
+        self.labels_ = km.index.search(X, 1)[1][:, 0]
+        return self
+
+
+def run(n: int, d: int, k: int, max_iter: int, tol: float, repeat: int, spread: float = 2.0) -> list[dict]:
     from sklearn.cluster import KMeans as SKKMeans
 
     from mixray.algorithms.kmeans import KMeans
     from mixray.distributed.kmeans import DistributedKMeans
 
-    X, init = make_data(n, d, k)
+    X, init = make_data(n, d, k, spread=spread)
+    try:
+        import faiss  # noqa: F401  (the bench extra)
+
+        has_faiss = True
+    except ImportError:
+        print("faiss-cpu not installed (make bench installs the bench extra): no faiss row")
+        has_faiss = False
+    sk_iters: list[int] = []
     fits = {
-        "scikit-learn": lambda: SKKMeans(k, init=init, n_init=1, max_iter=max_iter, tol=tol,
-                                         algorithm="lloyd").fit(X),
+        "scikit-learn": lambda: _note_iters(SKKMeans(k, init=init, n_init=1, max_iter=max_iter, tol=tol,
+                                                     algorithm="lloyd").fit(X), sk_iters),
         "mixray 1 process": lambda: KMeans(k, init=init, max_iter=max_iter, tol=tol).fit(X),
         "mixray 2 actors": lambda: DistributedKMeans(k, concurrency=2, num_cpus=1, threads=1,
                                                      init=init, max_iter=max_iter, tol=tol).fit(X),
     }
+    if has_faiss:
+        fits["faiss-cpu"] = lambda: FaissKMeans(k, init, sk_iters[-1]).fit(X)
     best: dict[str, tuple] = {}
     # repeats interleaved (A B C A B C …) so that all three meet the same background load;
     # the fastest run of each counts (other processes only ever add time)
@@ -83,12 +120,17 @@ def run(n: int, d: int, k: int, max_iter: int, tol: float, repeat: int) -> list[
                      "fit_per_iter": secs / m.n_iter_,
                      "inertia": exact_inertia(X, m.cluster_centers_, m.labels_),
                      "agree": float((m.labels_ == sk.labels_).mean()),
-                     **({"load": m.timings_["load"]} if hasattr(m, "timings_") else {})})
+                     **({"load": m.timings_["load"]} if "load" in getattr(m, "timings_", {}) else {})})
     base = rows[0]
     for r in rows:
         r["ratio"] = r["per_iter"] / base["per_iter"]
         r["inertia_rel"] = abs(r["inertia"] - base["inertia"]) / base["inertia"]
     return rows
+
+
+def _note_iters(model, into: list[int]):
+    into.append(model.n_iter_)
+    return model
 
 
 def main() -> None:
@@ -98,6 +140,8 @@ def main() -> None:
     p.add_argument("--max-iter", type=int, default=30)
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--repeat", type=int, default=1, help="fits per implementation; the fastest counts")
+    p.add_argument("--spread", type=float, nargs="+", default=[2.0],
+                   help="centre spread(s): 2 = overlapping clusters, 10 = well separated")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for scikit-learn (threadpoolctl) and torch; default: all cores")
     args = p.parse_args()
@@ -116,16 +160,21 @@ def main() -> None:
     print(f"cores {os.cpu_count()}, torch threads {torch.get_num_threads()}, "
           f"max_iter {args.max_iter}, tol {args.tol}, repeat {args.repeat}")
     try:
-        for size in args.sizes:
+        for size, spread in [(s, sp) for s in args.sizes for sp in args.spread]:
             n, d, k = (int(x) for x in size.lower().split("x"))
-            print(f"\nN={n:,} d={d} k={k:,} (float32, same initial centres)")
+            print(f"\nN={n:,} d={d} k={k:,} spread {spread:g} (float32, same initial centres)")
             print(f"{'':18s}{'total s':>9s}{'iters':>7s}{'s/iter':>9s}{'fit/it':>9s}"
                   f"{'inertia':>16s}{'rel diff':>10s}{'labels=':>9s}{'ratio':>8s}")
-            for r in run(n, d, k, args.max_iter, args.tol, args.repeat):
+            rows = run(n, d, k, args.max_iter, args.tol, args.repeat, spread)
+            for r in rows:
                 print(f"{r['impl']:18s}{r['secs']:9.2f}{r['iters']:7d}{r['per_iter']:9.4f}"
                       f"{r['fit_per_iter']:9.4f}{r['inertia']:16.6e}{r['inertia_rel']:10.1e}"
                       f"{r['agree']:9.4f}{r['ratio']:7.2f}x"
                       + (f"   (+ actors/load {r['load']:.1f} s)" if "load" in r else ""))
+            by = {r["impl"]: r for r in rows}
+            if "faiss-cpu" in by:
+                print(f"mixray 1 process / faiss-cpu per iteration: "
+                      f"{by['mixray 1 process']['per_iter'] / by['faiss-cpu']['per_iter']:.2f}x")
     finally:
         ray.shutdown()
         if limits is not None:
