@@ -115,11 +115,10 @@ def chat_prompt(tok, user: str) -> str:
 class DistillGenerator:
     """Ray Data callable: clusters (``cluster``, ``prompt``) -> ``cluster, output`` (the generated text).
 
-    Greedy decoding when ``temperature == 0``, sampling otherwise; ``repetition_penalty`` is
-    Hugging Face's (logits of tokens already in the sequence divided by it when positive,
-    multiplied when negative; 1.0 = off) (seeded per batch by its
-    first cluster id, so a re-run gives the same text). Micro-batches of ``micro_batch``
-    prompts, left-padded.
+    Greedy decoding when ``temperature == 0``, sampling otherwise (seeded per batch by its
+    first cluster id, so a re-run gives the same text). ``repetition_penalty`` is Hugging
+    Face's (logits of tokens already in the sequence divided by it when positive, multiplied
+    when negative; 1.0 = off). Micro-batches of ``micro_batch`` prompts, left-padded.
     """
 
     def __init__(self, model_path: str, max_new_tokens: int = 256, temperature: float = 0.0,
