@@ -216,7 +216,8 @@ class cpu_hog:
 
     def __enter__(self):
         self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.n)]
-        time.sleep(1.0)  # let the scheduler see them
+        if self.procs:
+            time.sleep(1.0)  # let the scheduler see them
         return self
 
     def __exit__(self, *exc):
@@ -256,14 +257,13 @@ def main() -> None:
           f"epsilon={EPSILON}, {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f}, "
           f"mixray threads={args.threads or 'torch default'}", flush=True)
     rows = []
-    runs = [(n, args.k, args.budget_mb, args.methods) for n in args.sizes]
+    runs = [(n, args.k, args.budget_mb, args.methods, 0) for n in args.sizes]
     if not args.skip_big:
-        runs.append((args.big, args.big_k, args.big_budget_mb, ["mixray-lazy"]))
+        runs.append((args.big, args.big_k, args.big_budget_mb, ["mixray-lazy"], 0))
     if args.hog:
         runs += [(n, args.k, args.budget_mb, args.methods, args.hog) for n in args.sizes]
     with tempfile.TemporaryDirectory() as tmp:
-        for n, k, budget, methods, *hog in runs:
-            hog = hog[0] if hog else 0
+        for n, k, budget, methods, hog in runs:
             x = clustered(n)
             print(f"\nN={n}, K={k} (mixray memory_budget_mb={budget:g})"
                   + (f", under {hog} CPU-hog processes" if hog else ""), flush=True)
