@@ -695,7 +695,9 @@ class SelectConfig(_Strict):
     threads: int | None = Field(default=None, ge=1,
                                 description="torch threads (driver and each CPU actor)")
     memory_budget_mb: float = Field(
-        default=512, ge=0, description="sparse similarity cache (MB, total); 0 = fully matrix-free")
+        default=512, ge=0,
+        description="similarity cache (MB, total): the whole matrix when 4·N² bytes fit (fastest), "
+                    "else a sparse cache; 0 = fully matrix-free")
     checkpoint_every: int = Field(default=100, ge=0,
                                   description="greedy steps between checkpoints; 0 = never")
     device: Device = Field(default="auto", description="auto (CUDA if present) | cpu | cuda")

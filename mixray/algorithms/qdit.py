@@ -294,8 +294,10 @@ class QDITSelector(BaseEstimator):
     epsilon : stochastic greedy's ε (sample ``⌈(N/K)·ln(1/ε)⌉`` per step).
     random_state : int seed for ``stochastic``, ``random`` and ``cluster``.
     device : ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-    memory_budget_mb : bytes the sparse high-similarity cache may use (total over the
-        column shards); 0 keeps every column dense (slowest, smallest).
+    memory_budget_mb : memory (MB) the similarity cache may use (total over the column
+        shards). When the whole quantised matrix fits (4·N² bytes, on CPU) it is computed
+        once and every gain is a row read (fastest); otherwise a sparse cache of the high
+        similarities within the budget; 0 keeps every column matrix-free (slowest, smallest).
     tau, n_clusters : parameters of ``threshold`` and ``cluster``.
     normalize_quality : min-max normalise ``quality`` over the pool (methods.md); set
         False if it is already in [0, 1].

@@ -55,9 +55,9 @@ class _ShardActor:
             xs_t = torch.from_numpy(xs).to(device)
         n = xs.shape[0]
         cols = None if (lo == 0 and hi == n) else torch.arange(lo, hi, device=device)
-        self.shard = fl.ColumnShard(xs_t, cols, budget_bytes,
-                                    cur=None if cur is None else torch.from_numpy(cur), step=step,
-                                    threads=threads)
+        self.shard = fl.make_shard(xs_t, cols, budget_bytes,
+                                   cur=None if cur is None else torch.from_numpy(cur), step=step,
+                                   threads=threads)
 
     def first_pass(self, cand: np.ndarray, theta: float) -> np.ndarray:
         import torch

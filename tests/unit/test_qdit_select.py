@@ -89,10 +89,17 @@ def test_gains_do_not_depend_on_blocking(real, monkeypatch):
 def test_naive_equals_lazy_bit_for_bit(real, alpha):
     x, q = real
     naive = QDITSelector(60, alpha, optimizer="naive").fit(x, q)
-    for budget_mb in (0, 0.25, 64):  # fully dense, partly cached, fully cached
+    pool = _pool(x, q)
+    assert fl.dense_bytes(len(x), len(x)) <= 64 << 20  # 64 MB: the dense shard
+    for budget_mb in (0, 0.25, 64):  # no cache, partly cached, the whole matrix (DenseShard)
         _same(naive, QDITSelector(60, alpha, memory_budget_mb=budget_mb).fit(x, q))
-    three = local_shards(_pool(x, q), 3, int(0.25 * (1 << 20)))  # the sharded greedy, in-process
-    _same(naive, QDITSelector(60, alpha, memory_budget_mb=0.25).fit(x, q, shards=three))
+    cached = fl.LocalShards([fl.ColumnShard(pool.xs, None, 64 << 20)])  # matrix-free, fully cached
+    _same(naive, QDITSelector(60, alpha).fit(x, q, shards=cached))
+    for budget in (int(0.25 * (1 << 20)), 64 << 20):  # the sharded greedy in-process, both kinds
+        three = local_shards(pool, 3, budget)
+        kinds = {type(s) for s in three.shards}
+        assert kinds == ({fl.DenseShard} if budget == 64 << 20 else {fl.ColumnShard})
+        _same(naive, QDITSelector(60, alpha).fit(x, q, shards=three))
     assert naive.objective_ == pytest.approx(
         (1 - alpha) * naive.diversity_ + alpha * naive.quality_mean_)
 

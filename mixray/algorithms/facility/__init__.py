@@ -9,8 +9,9 @@ Objective (``shared/methods.md`` §1), over a pool V of N L2-normalised embeddin
 
 Greedy: K times add ``argmax_{a∉A} f(a|A, α)``, ties broken by the lower index.
 
-Memory is O(N·d + budget), never O(N²): the only per-point state is the running
-vector ``cur`` ([N] float32). Everything else is a cache that the caller bounds.
+Memory is O(N·d + budget): the only per-point state is the running vector
+``cur`` ([N] float32). Everything else is a cache that the caller bounds — the
+whole N×N similarity matrix only when the budget grants its 4·N² bytes.
 
 Exactness and determinism
 -------------------------
@@ -30,8 +31,14 @@ BLAS to compute a dot product the same way in every matrix shape; with MKL
 this holds once both GEMM dimensions are at least 16, so :func:`qsims` pads
 them (on other BLAS builds results agree up to float32 rounding).
 
-How the exact greedy stays fast (:class:`~mixray.algorithms.facility.shard.ColumnShard`)
--------------------------------------------------------------------------------------
+How the exact greedy stays fast
+-------------------------------
+When the quantised similarity matrix fits the budget (``4·N·n`` bytes for a
+shard of n columns, on CPU), :class:`~mixray.algorithms.facility.dense.DenseShard`
+computes it once (a symmetric blocked pass) and every evaluation is one fused
+read of a candidate's row. Otherwise the shard is matrix-free
+(:class:`~mixray.algorithms.facility.shard.ColumnShard`):
+
 * One blocked pass computes every candidate's initial gain (when candidates and
   columns are the same set it uses symmetry: each block ``S_IJ`` yields the
   gains of rows I over columns J and of rows J over columns I).
@@ -59,6 +66,8 @@ How the exact greedy stays fast (:class:`~mixray.algorithms.facility.shard.Colum
 Modules
 -------
 ``kernels``  the integer grid: ``qsims``, exact gain sums, ``ranking_gains`` (any ranking's objective)
+``fused``    the same gain sums as one-pass numba kernels (CPU): dense blocks, CSR rows, compaction
+``dense``    :class:`DenseShard` (the whole matrix) and :func:`make_shard` (dense when it fits)
 ``cache``    the sparse high-similarity cache (CSR) and its threshold θ
 ``shard``    :class:`ColumnShard`: running max, first pass, lazy evaluation, selection
 ``greedy``   the drivers: :func:`lazy_greedy` (exact or stochastic), :func:`naive_greedy`
@@ -70,6 +79,7 @@ Modules
 from __future__ import annotations
 
 from mixray.algorithms.facility.cache import SparseRows, choose_threshold
+from mixray.algorithms.facility.dense import DenseShard, dense_bytes, make_shard
 from mixray.algorithms.facility.greedi import greedi, greedi_partitions, greedi_round1, greedi_union
 from mixray.algorithms.facility.greedy import (
     GreedyResult,
@@ -100,9 +110,9 @@ from mixray.algorithms.facility.pool import (
 from mixray.algorithms.facility.shard import ColumnShard
 
 __all__ = [
-    "SCALE_EXP", "UNIT", "ColumnShard", "GreedyResult", "GreedyState", "LocalShards", "Pool",
-    "Shards", "SparseRows", "StepCallback", "choose_theta", "choose_threshold", "dense_gains",
+    "SCALE_EXP", "UNIT", "ColumnShard", "DenseShard", "GreedyResult", "GreedyState", "LocalShards", "Pool",
+    "Shards", "SparseRows", "StepCallback", "choose_theta", "choose_threshold", "dense_bytes", "dense_gains",
     "diversity_from_cur", "gain_sums", "greedi", "greedi_partitions", "greedi_round1",
-    "greedi_union", "lazy_greedy", "local_shards", "naive_greedy", "qsims", "ranking_gains",
+    "greedi_union", "lazy_greedy", "local_shards", "make_shard", "naive_greedy", "qsims", "ranking_gains",
     "run_greedy", "split_columns", "stochastic_sample_size",
 ]

@@ -9,9 +9,13 @@ of integers, exact in any order.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+
+from mixray.algorithms.facility import fused
+from mixray.algorithms.threads import gemm_threads
 
 SCALE_EXP = 22  # similarities are integers in units of 2^-22 (below 2^24: float32 stays exact)
 EMBED_SCALE = float(2.0 ** (SCALE_EXP // 2))  # xs = 2^11·x, exact in float32
@@ -67,8 +71,11 @@ def gain_sums(s: torch.Tensor, cur: torch.Tensor, dim: int = 1, ws: Workspace | 
     broadcast against ``s`` ([c] for dim=1, [r, 1] for dim=0). With
     ``cur = cur_then``, ``cap = cur_now − cur_then`` the result is the drop
     ``Σ max(0, s − cur_then) − max(0, s − cur_now)`` in one pass (exact: integers).
-    Returns float64 [r] (dim=1) or [c] (dim=0).
+    Returns float64 [r] (dim=1) or [c] (dim=0). On CPU one fused pass
+    (:mod:`~mixray.algorithms.facility.fused`, the same exact integers).
     """
+    if s.device.type == "cpu" and s.is_contiguous():
+        return _fused_gain_sums(s, cur, dim, cap)
     x = torch.sub(s, cur, out=ws.like(s)) if ws is not None else s - cur
     x.clamp_(min=0)
     if cap is not None:
@@ -76,11 +83,27 @@ def gain_sums(s: torch.Tensor, cur: torch.Tensor, dim: int = 1, ws: Workspace | 
     return x.sum(dim, dtype=torch.float64)
 
 
+def _fused_gain_sums(s: torch.Tensor, cur: torch.Tensor, dim: int,
+                     cap: torch.Tensor | None) -> torch.Tensor:
+    out = torch.zeros(s.shape[1 - dim], dtype=torch.float64)
+    cur_v = cur.reshape(-1).to(torch.float32).contiguous()
+    if dim == 1 and cap is None:
+        fused.block_row_gains(s.numpy(), cur_v.numpy(), out.numpy())
+    elif dim == 1:
+        cap_v = cap.reshape(-1).to(torch.float32).contiguous()
+        fused.block_row_drops(s.numpy(), cur_v.numpy(), cap_v.numpy(), out.numpy())
+    elif cap is None:
+        fused.block_col_gains(s.numpy(), cur_v.numpy(), out.numpy())
+    else:
+        raise ValueError("a cap is only supported along dim=1")
+    return out
+
+
 def dense_gains(xr: torch.Tensor, xcols: torch.Tensor, cur: torch.Tensor | None,
                 col_index: torch.Tensor | None = None, ws: Workspace | None = None,
                 cap: torch.Tensor | None = None,
-                groups: Sequence[tuple[int, int, torch.Tensor, torch.Tensor | None]] = ()
-                ) -> torch.Tensor:
+                groups: Sequence[tuple[int, int, torch.Tensor, torch.Tensor | None]] = (),
+                workers: int = 1) -> torch.Tensor:
     """Exact gains (float64 [r]) of rows ``xr`` over columns ``xcols`` (or ``xcols[col_index]``).
 
     ``xr`` [r, d], ``xcols`` [n, d] scaled embeddings; ``cur`` (and optional
@@ -88,13 +111,47 @@ def dense_gains(xr: torch.Tensor, xcols: torch.Tensor, cur: torch.Tensor | None,
     ``groups`` = [(row0, row1, cur, cap), ...] each contiguous row range uses its
     own vectors, while the column gather and the matrix product are shared.
     Blocked over rows and columns so the similarity block stays a few MB.
+
+    ``workers`` > 1 (CPU): the column blocks are split over that many threads, each running
+    its products single-threaded — the lazy greedy's products are skinny (tens of candidate
+    rows), where one product on two threads gains little. Partial sums are exact integers,
+    so the split does not change a bit.
     """
-    ws = ws or Workspace(xr.device)
     r = xr.shape[0]
     c = xcols.shape[0] if col_index is None else col_index.shape[0]
     groups = list(groups) or [(0, r, cur, cap)]
+    starts = list(range(0, c, COL_BLOCK))
+    workers = min(workers, len(starts)) if xr.device.type == "cpu" else 1
+    if workers > 1:
+        def part(w: int) -> torch.Tensor:
+            torch.set_num_threads(1)
+            with fused.kernel_threads(1):
+                return _dense_gains_blocks(xr, xcols, col_index, groups, starts[w::workers],
+                                           Workspace(xr.device))
+
+        with gemm_threads(1):
+            parts = list(_executor(workers).map(part, range(workers)))
+        return torch.stack(parts).sum(0)
+    return _dense_gains_blocks(xr, xcols, col_index, groups, starts, ws or Workspace(xr.device))
+
+
+_EXECUTORS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """A process-wide thread pool per size (threads stay parked between calls)."""
+    if workers not in _EXECUTORS:
+        _EXECUTORS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="mixray-gains")
+    return _EXECUTORS[workers]
+
+
+def _dense_gains_blocks(xr: torch.Tensor, xcols: torch.Tensor, col_index: torch.Tensor | None,
+                        groups: list, starts: list[int], ws: Workspace) -> torch.Tensor:
+    """:func:`dense_gains` over the column blocks beginning at ``starts``."""
+    r = xr.shape[0]
+    c = xcols.shape[0] if col_index is None else col_index.shape[0]
     out = torch.zeros(r, dtype=torch.float64, device=xr.device)
-    for j0 in range(0, c, COL_BLOCK):
+    for j0 in starts:
         j1 = min(c, j0 + COL_BLOCK)
         xc = xcols[j0:j1] if col_index is None else xcols[col_index[j0:j1]]
         for i0 in range(0, r, ROW_BLOCK):

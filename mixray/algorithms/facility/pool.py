@@ -9,6 +9,7 @@ import torch
 
 from mixray.algorithms.cores import resolve_threads
 from mixray.algorithms.facility.cache import choose_threshold
+from mixray.algorithms.facility.dense import make_shard
 from mixray.algorithms.facility.greedy import (
     GreedyResult,
     GreedyState,
@@ -20,7 +21,6 @@ from mixray.algorithms.facility.greedy import (
     stochastic_sample_size,
 )
 from mixray.algorithms.facility.kernels import EMBED_SCALE
-from mixray.algorithms.facility.shard import ColumnShard
 from mixray.algorithms.threads import gemm_threads
 
 
@@ -73,8 +73,8 @@ def local_shards(pool: Pool, n_shards: int, budget_bytes: int,
     for cols in parts:
         c = None if len(parts) == 1 else torch.from_numpy(cols)
         shard_cur = None if cur is None else cur[int(cols[0]):int(cols[-1]) + 1]
-        shards.append(ColumnShard(pool.xs, c, budget_bytes // len(parts), cur=shard_cur,
-                                  step=step, threads=threads))
+        shards.append(make_shard(pool.xs, c, budget_bytes // len(parts), cur=shard_cur,
+                                 step=step, threads=threads))
     return LocalShards(shards)
 
 

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
+from mixray.algorithms.cores import resolve_threads
+from mixray.algorithms.facility import fused
 from mixray.algorithms.facility.cache import (
     CacheFull,
     SparseBuilder,
     SparseRows,
     raise_threshold,
 )
+from mixray.algorithms.facility.fused import kernel_threads
 from mixray.algorithms.facility.kernels import (
     BIG,
     COL_BLOCK,
@@ -84,6 +88,7 @@ class ColumnShard:
     def __init__(self, xs: torch.Tensor, cols: torch.Tensor | None, budget_bytes: int = 256 << 20,
                  cur: torch.Tensor | None = None, step: int = 0, threads: int | None = None):
         self.threads = threads
+        self.kernel_threads = resolve_threads(threads)  # the fused (numba) kernels' threads
         self.xs, self.device, self.n_pool = xs, xs.device, xs.shape[0]
         self.all_columns = cols is None
         self.cols = (torch.arange(self.n_pool, device=self.device) if cols is None
@@ -101,6 +106,7 @@ class ColumnShard:
         self.ws = Workspace(self.device)
         self.selected = torch.zeros(self.n_pool, dtype=torch.bool, device=self.device)
         self._since_compact = 0
+        self._scratch: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.stats = {"dense_pairs": 0, "sparse_terms": 0, "delta_groups": 0, "fresh_groups": 0,
                       "compactions": 0, "delta_pairs": 0}
 
@@ -127,7 +133,8 @@ class ColumnShard:
         while True:
             self.theta = theta
             try:
-                return self._first_pass(cand)
+                with kernel_threads(self.kernel_threads):
+                    return self._first_pass(cand)
             except CacheFull:
                 theta = raise_threshold(self.xs, self.xc, theta)
 
@@ -155,6 +162,12 @@ class ColumnShard:
             for j0 in range(0, self.n, COL_BLOCK):
                 j1 = min(self.n, j0 + COL_BLOCK)
                 s = qsims(xr, self.xc[j0:j1])
+                if s.device.type == "cpu":  # gains and cache entries in one fused pass
+                    entries = self._scan(s, curd[j0:j1], None, out[i0:i1], None, use_cache, j0)
+                    if entries is not None:
+                        builder.reserve(len(entries[0]))
+                        chunks.append(entries)
+                    continue
                 out[i0:i1] += gain_sums(s, curd[j0:j1], ws=self.ws)
                 if use_cache:
                     fl = flat_nonzero(s > self.theta)
@@ -179,16 +192,51 @@ class ColumnShard:
             for bj in range(bi, nb):
                 j0, j1 = bj * b, min(n, (bj + 1) * b)
                 s = qsims(self.xc[i0:i1], self.xc[j0:j1])
+                if s.device.type == "cpu":  # gains both ways and cache entries in one fused pass
+                    mirror = out[j0:j1] if bj != bi else None
+                    entries = self._scan(s, curd[j0:j1], curd[i0:i1], out[i0:i1], mirror,
+                                         use_cache, j0)
+                    if entries is not None:
+                        builder.reserve(len(entries[0]) * (1 if bi == bj else 2))
+                        pending[bi].append(entries)
+                        if bj != bi:
+                            mirrored = fused.mirror_entries(*(e.numpy() for e in entries), j1 - j0,
+                                                            j0, i0)
+                            pending[bj].append(tuple(torch.from_numpy(a) for a in mirrored))
+                    continue
                 if use_cache:
                     self._cache_block(s, builder, pending, bi, bj, i0, j0)
                 out[i0:i1] += gain_sums(s, curd[j0:j1], ws=self.ws)
                 if bj != bi:
-                    out[j0:j1] += s.sub_(curd[i0:i1, None]).clamp_(min=0).sum(0, dtype=torch.float64)
+                    out[j0:j1] += gain_sums(s, curd[i0:i1, None], dim=0, ws=self.ws)
             if use_cache:
                 builder.add_block(slice(i0, i1), i1 - i0, pending[bi])
             pending[bi] = []
             trim_heap()
         return out
+
+    def _scan(self, s: torch.Tensor, cur_cols: torch.Tensor, cur_rows: torch.Tensor | None,
+              row_out: torch.Tensor, col_out: torch.Tensor | None, use_cache: bool, j0: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """CPU: ``row_out += `` the block's row gains (and ``col_out +=`` its column gains over
+        ``cur_rows``), in one fused pass; returns its cache entries (row-major) if caching."""
+        h, w = s.shape
+        if self._scratch is None or len(self._scratch[0]) < h * w:
+            self._scratch = (np.empty(h * w, dtype=np.int32), np.empty(h * w, dtype=np.float32),
+                             np.empty(max(h, SYM_BLOCK, ROW_BLOCK), dtype=np.int64))
+        ent_cols, ent_vals, counts = self._scratch
+        parts = np.zeros((2 * self.kernel_threads if col_out is not None else 1, w))
+        theta = np.float32(self.theta if use_cache else math.inf)  # as torch compares float32
+        fused.scan_block(s.numpy(), theta, cur_cols.numpy(),
+                         (cur_rows if cur_rows is not None else cur_cols[:0]).numpy(),
+                         row_out.numpy(), parts, ent_cols, ent_vals, counts[:h],
+                         col_out is not None)
+        if col_out is not None:
+            col_out += torch.from_numpy(parts.sum(0))
+        if not use_cache:
+            return None
+        return tuple(torch.from_numpy(a) for a in fused.collect_entries(counts[:h], ent_cols,
+                                                                         ent_vals, w, j0))
 
     def _cache_block(self, s: torch.Tensor, builder: SparseBuilder, pending: list, bi: int, bj: int,
                      i0: int, j0: int) -> None:
@@ -209,6 +257,14 @@ class ColumnShard:
         if self.rows.nnz == 0:
             return out
         cur_sp = self._cur_sparse()
+        if self.device.type == "cpu":  # one fused pass over the rows' entries
+            rows = cand.long().contiguous()
+            n_terms = fused.csr_row_gains(self.rows.indptr.numpy(), self.rows.cols.numpy(),
+                                          self.rows.vals.numpy(), rows.numpy(), cur_sp.numpy(),
+                                          out.numpy())
+            self.stats["sparse_terms"] += int(n_terms)
+            self._since_compact += int(n_terms)
+            return out
         for a, b in self.rows.row_chunks(cand):
             lens, cols, vals = self.rows.gather(cand[a:b])
             self.stats["sparse_terms"] += len(vals)
@@ -228,6 +284,13 @@ class ColumnShard:
         if nnz < (1 << 16) or self._since_compact < 2 * nnz:
             return
         self._since_compact = 0
+        if self.device.type == "cpu":
+            indptr = rows.indptr.clone()
+            nnz = fused.csr_compact(indptr.numpy(), rows.cols.numpy(), rows.vals.numpy(),
+                                    self.cur.numpy())
+            rows.indptr, rows.cols, rows.vals = indptr, rows.cols[:nnz], rows.vals[:nnz]
+            self.stats["compactions"] += 1
+            return
         new_indptr = torch.empty_like(rows.indptr)
         chunk = 1 << 22
         base, r_lo = 0, 0
@@ -258,6 +321,10 @@ class ColumnShard:
         since tau is shorter than the uncovered set is updated by delta, the
         others are recomputed over the uncovered columns (one product).
         """
+        with kernel_threads(self.kernel_threads):
+            return self._evaluate(cand, tau)
+
+    def _evaluate(self, cand: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         cand, tau = cand.to(self.device), tau.to(self.device)
         self._maybe_compact()
         dense = torch.zeros(len(cand), dtype=torch.float64, device=self.device)
@@ -287,10 +354,10 @@ class ColumnShard:
         with gemm_threads(self.threads):
             if len(unc) > 0.75 * self.n:  # nearly all columns: no gather, mask the rest
                 dense[members] = dense_gains(self.xs[cand[members]], self.xc, self._cur_dense(),
-                                             ws=self.ws)
+                                             ws=self.ws, workers=self.kernel_threads)
             else:
                 dense[members] = dense_gains(self.xs[cand[members]], self.xc, self.cur[unc], unc,
-                                             ws=self.ws)
+                                             ws=self.ws, workers=self.kernel_threads)
 
     def _delta(self, cand: torch.Tensor, deltas: list[tuple[int, torch.Tensor]],
                dense: torch.Tensor) -> None:
@@ -343,7 +410,7 @@ class ColumnShard:
         self.stats["delta_pairs"] += len(rows) * len(changed)
         with gemm_threads(self.threads):
             drop = dense_gains(self.xs[cand[rows]], self.xc, None, changed, ws=self.ws,
-                               groups=groups)
+                               groups=groups, workers=self.kernel_threads)
         dense[rows] = self.dref[cand[rows]] - drop
 
     # -- selection -----------------------------------------------------------------------------
