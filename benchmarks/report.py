@@ -38,7 +38,8 @@ NAMED = re.compile(r"ratio[^:=]*[:=]\s*(\d+(?:\.\d+)?)", re.IGNORECASE)  # "rati
 
 # name -> (full arguments, --quick arguments)
 BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
-    "select": ([], ["--sizes", "10000", "--skip-big"]),
+    "select": (["--sizes", "20000", "--data", "clustered", "sphere", "minilm"],
+               ["--sizes", "10000", "--skip-big"]),
     "kmeans": ([], ["--sizes", "50000x384x100"]),
     "embed": ([], ["--n", "2000"]),
     "train": ([], ["--rounds", "1", "--steps", "4", "--skip-memory"]),
@@ -66,7 +67,8 @@ def machine() -> dict:
         info["memory_gib"] = round(int(mem.group(1)) / 2**20, 1)
     except (OSError, AttributeError):
         pass
-    for dist in ("torch", "ray", "transformers", "deepspeed", "apricot-select", "scikit-learn"):
+    for dist in ("torch", "ray", "transformers", "deepspeed", "numba", "apricot-select", "faiss-cpu",
+                 "scikit-learn"):
         try:
             info[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -111,7 +113,7 @@ def markdown(info: dict, results: list[dict], mode: str) -> str:
              "| machine | |", "|---|---|"]
     for k in ("date", "commit", "cpu_model", "cpu_count", "available_cores", "cgroup_cpu_limit",
               "memory_gib", "cpu_flags", "python", "torch", "ray", "transformers", "deepspeed",
-              "apricot-select", "scikit-learn"):
+              "numba", "apricot-select", "faiss-cpu", "scikit-learn"):
         v = info.get(k)
         lines.append(f"| {k} | {' '.join(v) if isinstance(v, list) else v} |")
     lines += ["", "| benchmark | exit | wall (s) | load before → after | ratios |", "|---|---|---:|---|---:|"]

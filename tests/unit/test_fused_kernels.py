@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixray.algorithms.facility import fused
+from mixray.algorithms import fused
 from mixray.algorithms.facility import kernels as fk
 from mixray.algorithms.facility.cache import SparseRows
 
@@ -100,3 +100,4 @@ def test_csr_row_gains_and_compaction():
     fused.csr_row_gains(after.indptr.numpy(), after.cols.numpy(), after.vals.numpy(), rows, cur,
                         out2)
     assert np.array_equal(out, out2)
+

@@ -66,14 +66,14 @@ read of a candidate's row. Otherwise the shard is matrix-free
 Modules
 -------
 ``kernels``  the integer grid: ``qsims``, exact gain sums, ``ranking_gains`` (any ranking's objective)
-``fused``    the same gain sums as one-pass numba kernels (CPU): dense blocks, CSR rows, compaction
 ``dense``    :class:`DenseShard` (the whole matrix) and :func:`make_shard` (dense when it fits)
 ``cache``    the sparse high-similarity cache (CSR) and its threshold θ
 ``shard``    :class:`ColumnShard`: running max, first pass, lazy evaluation, selection
 ``greedy``   the drivers: :func:`lazy_greedy` (exact or stochastic), :func:`naive_greedy`
 ``pool``     the prepared :class:`Pool` and :func:`run_greedy` (dispatch by optimizer)
 ``greedi``   GreeDi's partitions, round 1 and the two-round driver
-(Torch threads and heap trimming: :mod:`mixray.algorithms.threads`.)
+(Torch threads and heap trimming: :mod:`mixray.algorithms.threads`; the one-pass numba
+kernels of the gain sums on CPU: :mod:`mixray.algorithms.fused`.)
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mixray.algorithms.facility import fused
+from mixray.algorithms import fused
 from mixray.algorithms.facility.kernels import qsims
 
 

@@ -5,7 +5,7 @@ float32) fit the memory budget, a shard computes the matrix once — the same
 quantised similarities :func:`~mixray.algorithms.facility.kernels.qsims` gives
 everywhere else, so gains are bit-identical to the matrix-free
 :class:`~mixray.algorithms.facility.shard.ColumnShard` — and every later
-evaluation is one fused read of a row (:func:`~mixray.algorithms.facility.fused.row_gains`,
+evaluation is one fused read of a row (:func:`~mixray.algorithms.fused.row_gains`,
 ~0.3 ns per term on 2 cores), with no sparse cache and no change log. The first
 pass uses symmetry when the shard owns every column (each block product fills
 ``S[I, J]`` and ``S[J, I]``). Only on CPU (the kernels are numba's).
@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 
 from mixray.algorithms.cores import resolve_threads
-from mixray.algorithms.facility.fused import kernel_threads, row_gains
 from mixray.algorithms.facility.kernels import COL_BLOCK, ROW_BLOCK, SYM_BLOCK, qsims
 from mixray.algorithms.facility.shard import ColumnShard
+from mixray.algorithms.fused import kernel_threads, row_gains
 from mixray.algorithms.threads import gemm_threads
 
 

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from mixray.algorithms.facility import fused
+from mixray.algorithms import fused
 from mixray.algorithms.threads import gemm_threads
 
 SCALE_EXP = 22  # similarities are integers in units of 2^-22 (below 2^24: float32 stays exact)
@@ -72,7 +72,7 @@ def gain_sums(s: torch.Tensor, cur: torch.Tensor, dim: int = 1, ws: Workspace | 
     ``cur = cur_then``, ``cap = cur_now − cur_then`` the result is the drop
     ``Σ max(0, s − cur_then) − max(0, s − cur_now)`` in one pass (exact: integers).
     Returns float64 [r] (dim=1) or [c] (dim=0). On CPU one fused pass
-    (:mod:`~mixray.algorithms.facility.fused`, the same exact integers).
+    (:mod:`~mixray.algorithms.fused`, the same exact integers).
     """
     if s.device.type == "cpu" and s.is_contiguous():
         return _fused_gain_sums(s, cur, dim, cap)

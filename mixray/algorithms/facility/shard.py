@@ -13,15 +13,14 @@ import math
 import numpy as np
 import torch
 
+from mixray.algorithms import fused
 from mixray.algorithms.cores import resolve_threads
-from mixray.algorithms.facility import fused
 from mixray.algorithms.facility.cache import (
     CacheFull,
     SparseBuilder,
     SparseRows,
     raise_threshold,
 )
-from mixray.algorithms.facility.fused import kernel_threads
 from mixray.algorithms.facility.kernels import (
     BIG,
     COL_BLOCK,
@@ -34,6 +33,7 @@ from mixray.algorithms.facility.kernels import (
     qsims,
     segment_sums,
 )
+from mixray.algorithms.fused import kernel_threads
 from mixray.algorithms.threads import gemm_threads, trim_heap
 
 

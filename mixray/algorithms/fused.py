@@ -1,11 +1,12 @@
-"""Fused CPU kernels (numba) for the gain sums: one pass over memory instead of three.
+"""Fused CPU kernels (numba) for facility location's gain sums: one pass over memory where
+torch needs several.
 
 A gain term is ``max(0, s − cur)`` with ``s`` and ``cur`` integer-valued float32
 (the 2^-22 grid, see the package docstring): the difference is exact in float32
 and every partial sum is an integer below 2^53, so the float64 sums below are
 exact in any order — bit-identical to the torch kernels of
-:mod:`~mixray.algorithms.facility.kernels`, whatever the vectorisation or the
-thread split (which is why ``fastmath`` reassociation is allowed).
+:mod:`mixray.algorithms.facility.kernels`, whatever the vectorisation or the
+thread split (which is why reassociation is allowed).
 
 Why: torch evaluates ``(s − cur).clamp_(min=0).sum(dtype=float64)`` as three
 passes, two of which write a temporary; the float64-accumulating sum alone ran
@@ -40,7 +41,9 @@ def _can_cache() -> bool:
     return True
 
 
-_JIT = {"cache": _can_cache(), "nogil": True, "fastmath": True}
+# Reassociation only (what vectorises the sums; exact here): not the no-inf/no-nan flags,
+# under which a comparison with inf would be undefined.
+_JIT = {"cache": _can_cache(), "nogil": True, "fastmath": {"reassoc", "nsz"}}
 
 
 class kernel_threads:
@@ -260,3 +263,4 @@ def mirror_entries(rows, cols, vals, w, col0, row0):  # pragma: no cover - compi
         m_vals[d] = vals[e]
         counts[j] = d + 1
     return m_rows, m_cols, m_vals
+
