@@ -47,18 +47,28 @@ _JIT = {"cache": _can_cache(), "nogil": True, "fastmath": {"reassoc", "nsz"}}
 
 
 class kernel_threads:
-    """Context: run the enclosed numba kernels on ``n`` threads (None: leave as is)."""
+    """Context: run the enclosed numba kernels on ``n`` threads (None: leave as is), handing out
+    the iterations of a ``prange`` in chunks of ``chunk`` (dynamic scheduling).
 
-    def __init__(self, n: int | None):
+    With numba's default even split, a parallel loop waits for its slowest thread; on cores
+    shared with other processes that is a descheduled one, and the loop takes as long as the
+    OS takes to run it again. Chunks let the running thread take the rest: 10K/1K selection
+    under 8 CPU hogs on 2 cores slowed 5.8× with the even split, 3.7× with chunks of 4 rows.
+    """
+
+    def __init__(self, n: int | None, chunk: int = 4):
         self.n = None if n is None else max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
+        self.chunk_size = chunk
 
     def __enter__(self):
         self.before = numba.get_num_threads()
         if self.n and self.n != self.before:
             numba.set_num_threads(self.n)
+        self.chunk = numba.set_parallel_chunksize(self.chunk_size)
         return self
 
     def __exit__(self, *exc):
+        numba.set_parallel_chunksize(self.chunk)
         if numba.get_num_threads() != self.before:
             numba.set_num_threads(self.before)
 

@@ -227,10 +227,11 @@ class ColumnShard:
         ent_cols, ent_vals, counts = self._scratch
         parts = np.zeros((2 * self.kernel_threads if col_out is not None else 1, w))
         theta = np.float32(self.theta if use_cache else math.inf)  # as torch compares float32
-        fused.scan_block(s.numpy(), theta, cur_cols.numpy(),
-                         (cur_rows if cur_rows is not None else cur_cols[:0]).numpy(),
-                         row_out.numpy(), parts, ent_cols, ent_vals, counts[:h],
-                         col_out is not None)
+        with kernel_threads(self.kernel_threads, chunk=1):  # one part per iteration
+            fused.scan_block(s.numpy(), theta, cur_cols.numpy(),
+                             (cur_rows if cur_rows is not None else cur_cols[:0]).numpy(),
+                             row_out.numpy(), parts, ent_cols, ent_vals, counts[:h],
+                             col_out is not None)
         if col_out is not None:
             col_out += torch.from_numpy(parts.sum(0))
         if not use_cache:
