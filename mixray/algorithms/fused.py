@@ -73,6 +73,20 @@ class kernel_threads:
             numba.set_num_threads(self.before)
 
 
+_CONCURRENT: bool | None = None
+
+
+def concurrent_launches_ok() -> bool:
+    """Whether parallel kernels may be launched from several Python threads at once: yes on
+    numba's ``omp`` and ``tbb`` threading layers, no on its fallback ``workqueue`` (which aborts
+    the process). Launches one tiny kernel the first time, so that numba picks its layer."""
+    global _CONCURRENT
+    if _CONCURRENT is None:
+        block_row_gains(np.zeros((1, 1), np.float32), np.zeros(1, np.float32), np.zeros(1))
+        _CONCURRENT = numba.threading_layer() in ("omp", "tbb")
+    return _CONCURRENT
+
+
 @njit(parallel=True, **_JIT)
 def row_gains(s, rows, cur, out):  # pragma: no cover - compiled
     """``out[i] = Σ_v max(0, s[rows[i], v] − cur[v])``.

@@ -101,3 +101,19 @@ def test_csr_row_gains_and_compaction():
                         out2)
     assert np.array_equal(out, out2)
 
+
+
+def test_split_over_threads_is_exact_and_guarded(monkeypatch):
+    """dense_gains over 3 threads = one thread, bit for bit; on a threading layer that cannot take
+    concurrent launches (numba's workqueue) it stays on one thread."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3 * fk.COL_BLOCK + 100, 24)).astype(np.float32)
+    xs = torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True) * fk.EMBED_SCALE)
+    cur = torch.from_numpy(_grid(rng, len(xs), 0, 1 << 20))
+    one = fk.dense_gains(xs[:40], xs, cur)
+    assert torch.equal(fk.dense_gains(xs[:40], xs, cur, workers=3), one)
+    monkeypatch.setattr(fused, "_CONCURRENT", False)
+    calls = []
+    monkeypatch.setattr(fk, "_executor", lambda w: calls.append(w))
+    assert torch.equal(fk.dense_gains(xs[:40], xs, cur, workers=3), one)
+    assert calls == []

@@ -122,6 +122,8 @@ def dense_gains(xr: torch.Tensor, xcols: torch.Tensor, cur: torch.Tensor | None,
     groups = list(groups) or [(0, r, cur, cap)]
     starts = list(range(0, c, COL_BLOCK))
     workers = min(workers, len(starts)) if xr.device.type == "cpu" else 1
+    if workers > 1 and not fused.concurrent_launches_ok():
+        workers = 1
     if workers > 1:
         def part(w: int) -> torch.Tensor:
             torch.set_num_threads(1)
