@@ -46,8 +46,6 @@ are recomputed once against the final centres.
 from __future__ import annotations
 
 import math
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -58,7 +56,7 @@ from sklearn.base import BaseEstimator
 from mixray.algorithms.cores import available_cores
 from mixray.algorithms.devices import resolve_device
 from mixray.algorithms.params import Interval, validate
-from mixray.algorithms.threads import gemm_threads
+from mixray.algorithms.threads import gemm_threads, shared_executor
 from mixray.choices import KMEANS_INITS
 from mixray.errors import ClusteringInputError
 
@@ -325,19 +323,6 @@ def run_lloyd(shards: ShardSet, centres: torch.Tensor, *, max_iter: int, tol: fl
     return LloydResult(centres, i + 1, total, converged, relocated)
 
 
-_EXECUTORS: dict[int, ThreadPoolExecutor] = {}
-_EXECUTORS_LOCK = threading.Lock()
-
-
-def _executor(workers: int) -> ThreadPoolExecutor:
-    """A process-wide pool of ``workers`` threads, kept between calls (no per-iteration
-    thread start-up, and each thread's OpenMP/MKL state is set up once)."""
-    with _EXECUTORS_LOCK:
-        if workers not in _EXECUTORS:
-            _EXECUTORS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="mixray-kmeans")
-        return _EXECUTORS[workers]
-
-
 class LocalShards:
     """Every point in this process (CPU or one GPU): the single-process ``ShardSet``.
 
@@ -469,7 +454,7 @@ class LocalShards:
             # ``KMeans.fit``, which holds one thread for the whole loop: re-sizing torch's
             # thread pools every iteration cost 14% of the iteration time at k = 100)
             with gemm_threads(1):
-                parts = list(_executor(self.workers).map(
+                parts = list(shared_executor(self.workers).map(
                     lambda i: self._assign_range(bounds[i], bounds[i + 1], centres, c_sq, moved,
                                                  with_sums, True), range(self.workers)))
         self._centres = centres.clone()

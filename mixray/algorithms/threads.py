@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import ctypes
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -34,6 +36,20 @@ class gemm_threads:
     def __exit__(self, *exc):
         if torch.get_num_threads() != self.before:
             torch.set_num_threads(self.before)
+
+
+_EXECUTORS: dict[int, ThreadPoolExecutor] = {}
+_EXECUTORS_LOCK = threading.Lock()
+
+
+def shared_executor(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``workers`` threads, kept between calls (no per-call thread
+    start-up, and each thread's OpenMP/MKL state is set up once). Used by KMeans's row
+    workers and the facility-location gain products."""
+    with _EXECUTORS_LOCK:
+        if workers not in _EXECUTORS:
+            _EXECUTORS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="mixray-workers")
+        return _EXECUTORS[workers]
 
 
 def _load_malloc_trim():

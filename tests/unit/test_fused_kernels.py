@@ -114,6 +114,6 @@ def test_split_over_threads_is_exact_and_guarded(monkeypatch):
     assert torch.equal(fk.dense_gains(xs[:40], xs, cur, workers=3), one)
     monkeypatch.setattr(fused, "_CONCURRENT", False)
     calls = []
-    monkeypatch.setattr(fk, "_executor", lambda w: calls.append(w))
+    monkeypatch.setattr(fk, "shared_executor", lambda w: calls.append(w))
     assert torch.equal(fk.dense_gains(xs[:40], xs, cur, workers=3), one)
     assert calls == []

@@ -9,13 +9,12 @@ of integers, exact in any order.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from mixray.algorithms import fused
-from mixray.algorithms.threads import gemm_threads
+from mixray.algorithms.threads import gemm_threads, shared_executor
 
 SCALE_EXP = 22  # similarities are integers in units of 2^-22 (below 2^24: float32 stays exact)
 EMBED_SCALE = float(2.0 ** (SCALE_EXP // 2))  # xs = 2^11·x, exact in float32
@@ -132,19 +131,9 @@ def dense_gains(xr: torch.Tensor, xcols: torch.Tensor, cur: torch.Tensor | None,
                                            Workspace(xr.device))
 
         with gemm_threads(1):
-            parts = list(_executor(workers).map(part, range(workers)))
+            parts = list(shared_executor(workers).map(part, range(workers)))
         return torch.stack(parts).sum(0)
     return _dense_gains_blocks(xr, xcols, col_index, groups, starts, ws or Workspace(xr.device))
-
-
-_EXECUTORS: dict[int, ThreadPoolExecutor] = {}
-
-
-def _executor(workers: int) -> ThreadPoolExecutor:
-    """A process-wide thread pool per size (threads stay parked between calls)."""
-    if workers not in _EXECUTORS:
-        _EXECUTORS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="mixray-gains")
-    return _EXECUTORS[workers]
 
 
 def _dense_gains_blocks(xr: torch.Tensor, xcols: torch.Tensor, col_index: torch.Tensor | None,
