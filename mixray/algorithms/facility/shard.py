@@ -161,7 +161,9 @@ class ColumnShard:
         while True:
             self.theta = theta
             try:
-                with kernel_threads(self.kernel_threads):
+                # torch's threads first: set inside a kernel_threads context, the products
+                # measured single-threaded (2 threads reported, 1 CPU busy; numba's omp layer).
+                with gemm_threads(self.threads), kernel_threads(self.kernel_threads):
                     return self._first_pass(cand)
             except CacheFull:
                 theta = raise_threshold(self.xs, self.xc, theta)
@@ -170,11 +172,10 @@ class ColumnShard:
         use_cache = math.isfinite(self.theta) and self.capacity > 0
         builder = SparseBuilder(self.n_pool, self.capacity if use_cache else 0, self.device)
         # Symmetry halves the products; worth it even when some rows are no longer candidates.
-        with gemm_threads(self.threads):
-            if self.all_columns and 2 * len(cand) >= self.n_pool:
-                dense = self._first_pass_symmetric(builder, use_cache)[cand]
-            else:
-                dense = self._first_pass_rows(cand, builder, use_cache)
+        if self.all_columns and 2 * len(cand) >= self.n_pool:
+            dense = self._first_pass_symmetric(builder, use_cache)[cand]
+        else:
+            dense = self._first_pass_rows(cand, builder, use_cache)
         self.rows = builder.finish() if use_cache else SparseRows.empty(self.n_pool, self.device)
         self.dref[cand] = dense
         self.log.reset(self.step)
