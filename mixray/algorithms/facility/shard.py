@@ -143,11 +143,11 @@ class ColumnShard:
             ids = self._uncovered()
             self._view = (self.xc[ids].contiguous(), ids)
             self.stats["view_gathers"] += 1
-        curd = self._cur_dense()
         if self._view is None:
-            return self.xc, None, curd
+            return self.xc, None, self._cur_dense()
         x, ids = self._view
-        return x, ids, curd[ids]
+        cur = self.cur[ids]  # mask the copy's columns only, not all n
+        return x, ids, torch.where(cur < self.theta, cur, torch.full_like(cur, BIG))
 
     # -- first pass ----------------------------------------------------------------------------
     def first_pass(self, cand: torch.Tensor, theta: float) -> torch.Tensor:
