@@ -121,9 +121,10 @@ class ColumnShard:
         """cur for covered columns, BIG (terms 0) for uncovered ones."""
         return torch.where(self.cur >= self.theta, self.cur, torch.full_like(self.cur, BIG))
 
-    def _cur_dense(self) -> torch.Tensor:
-        """cur for uncovered columns, BIG for covered ones."""
-        return torch.where(self.cur < self.theta, self.cur, torch.full_like(self.cur, BIG))
+    def _cur_dense(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """cur for uncovered columns, BIG for covered ones: all ``n`` columns, or only ``ids``."""
+        cur = self.cur if ids is None else self.cur[ids]
+        return torch.where(cur < self.theta, cur, torch.full_like(cur, BIG))
 
     def _dense_view(self, n_unc: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(embeddings [w, d] of a superset of the uncovered columns, their shard-local ids
@@ -146,8 +147,7 @@ class ColumnShard:
         if self._view is None:
             return self.xc, None, self._cur_dense()
         x, ids = self._view
-        cur = self.cur[ids]  # mask the copy's columns only, not all n
-        return x, ids, torch.where(cur < self.theta, cur, torch.full_like(cur, BIG))
+        return x, ids, self._cur_dense(ids)  # mask the copy's columns only, not all n
 
     # -- first pass ----------------------------------------------------------------------------
     def first_pass(self, cand: torch.Tensor, theta: float) -> torch.Tensor:
