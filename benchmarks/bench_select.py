@@ -327,6 +327,30 @@ def _ratio_lines(by: dict, sizes: list[int], data: str) -> None:
                       f"objective {exact['objective'] / same['objective']:.6f}x")
 
 
+def _slowdown_lines(rows: list[dict], hog: int, repeats: int) -> None:
+    """Per method: median over rounds of (hog time / quiet time, same round), its range, and the
+    mixray / apricot-lazy ratio of those medians (issue 15: mixray's slowdown <= apricot's)."""
+    print(f"\nslowdown under {hog} CPU-hog processes (hog time / quiet time of the same round, "
+          f"median of {repeats} interleaved round{'s' * (repeats > 1)}):")
+    t = {(r["method"], r["n"], r["data"], r["round"], r["hog"]): r["seconds"] for r in rows}
+    med: dict = {}
+    for m, n, data in dict.fromkeys((r["method"], r["n"], r["data"]) for r in rows):
+        pairs = [(t[(m, n, data, i, 0)], t[(m, n, data, i, hog)]) for i in range(repeats)
+                 if (m, n, data, i, 0) in t and (m, n, data, i, hog) in t]
+        if not pairs:
+            continue
+        per = [h / q for q, h in pairs]
+        med[(m, n, data)] = (float(np.median(per)), float(np.median([h for _, h in pairs])))
+        print(f"  {data:<9} N={n:>6} {m:<20} slowdown {med[(m, n, data)][0]:5.2f}x  "
+              f"(rounds: {', '.join(f'{v:.2f}' for v in per)}; median quiet "
+              f"{np.median([q for q, _ in pairs]):.2f} s, hogged {med[(m, n, data)][1]:.2f} s)")
+    for (m, n, data), (f, h) in med.items():
+        base = med.get(("apricot-lazy", n, data))
+        if m.startswith("mixray") and base:
+            print(f"  {data:<9} N={n:>6} {m:<20} slowdown / apricot-lazy's: {f / base[0]:.2f}x "
+                  f"(target <= 1); time under the hogs / apricot-lazy's: {h / base[1]:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="*", default=[10_000, 20_000])
@@ -352,6 +376,12 @@ def main() -> None:
     ap.add_argument("--hog", type=int, default=0,
                     help="also run every method at --sizes under this many CPU-hog processes and "
                          "print each method's slowdown (hog time / quiet time)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="with --hog: rounds of a quiet and a hogged run of every method, the "
+                         "method order alternating between rounds; each method's slowdown is the "
+                         "median over rounds of (hog time / quiet time of the same round)")
+    ap.add_argument("--hog-only", action="store_true",
+                    help="with --hog: only the hog rounds (they time their own quiet runs)")
     ap.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -362,47 +392,55 @@ def main() -> None:
     print(f"bench_select: data {', '.join(args.data)} (clustered: Gaussian d={D}, {CLUSTERS} "
           f"clusters, sigma={SIGMA}), alpha=0, epsilon={EPSILON}, {os.cpu_count()} CPUs, load avg "
           f"{os.getloadavg()[0]:.1f}, mixray threads={args.threads or 'torch default'}", flush=True)
+    if args.hog_only and not args.hog:
+        ap.error("--hog-only needs --hog N")
     rows = []
-    runs = [(n, args.k, args.budget_mb, args.methods, 0, d) for d in args.data for n in args.sizes]
-    if not args.skip_big:
-        runs.append((args.big, args.big_k, args.big_budget_mb, ["mixray-lazy"], 0, "clustered"))
-    if args.hog:
-        runs += [(n, args.k, args.budget_mb, args.methods, args.hog, d)
-                 for d in args.data for n in args.sizes]
+    runs = [] if args.hog_only else [(n, args.k, args.budget_mb, m, 0, d, None)
+                                      for d in args.data for n in args.sizes for m in args.methods]
+    if not args.skip_big and not args.hog_only:
+        runs.append((args.big, args.big_k, args.big_budget_mb, "mixray-lazy", 0, "clustered", None))
+    if args.hog:  # interleaved rounds: quiet then hogged, method order alternating
+        for d in args.data:
+            for n in args.sizes:
+                for rnd in range(args.repeats):
+                    order = args.methods if rnd % 2 == 0 else args.methods[::-1]
+                    runs += [(n, args.k, args.budget_mb, m, hog, d, rnd)
+                             for hog in (0, args.hog) for m in order]
     with tempfile.TemporaryDirectory() as tmp:
-        for n, k, budget, methods, hog, data in runs:
-            if data == "minilm":
-                make_minilm(n)
-            x = dataset(data, n)
-            print(f"\n{data}: N={n}, K={k} (mixray memory_budget_mb={budget:g})"
-                  + (f", under {hog} CPU-hog processes" if hog else ""), flush=True)
-            for m in methods:
-                with cpu_hog(hog):
-                    r = launch(m, n, k, budget, tmp, args.timeout, args.threads, data)
-                if r is None:
-                    continue
-                r["method"] = m  # with its @budget
-                r["objective"] = shared_objective(x, r.pop("ranking"))
-                r["hog"] = hog
-                rows.append(r)
-                print(f"  {m:<20} {r['seconds']:8.2f} s  peak {r['peak_bytes'] / 2**20:8.0f} MB  "
-                      f"objective d(A)/N = {r['objective']:.6f}", flush=True)
-            del x
-    print("\nratios (mixray / apricot lazy, same data, same N, same run):")
-    by = {(r["method"], r["n"], r["data"]): r for r in rows if not r["hog"]}
+        x, shown, last_head = None, None, None
+        for n, k, budget, m, hog, data, rnd in runs:
+            if (data, n) != shown:
+                if data == "minilm":
+                    make_minilm(n)
+                x, shown = dataset(data, n), (data, n)
+            head = (data, n, k, budget, hog, rnd)
+            if head != last_head:
+                last_head = head
+                print(f"\n{data}: N={n}, K={k} (mixray memory_budget_mb={budget:g})"
+                      + (f", under {hog} CPU-hog processes" if hog else "")
+                      + (f", round {rnd + 1}/{args.repeats}" if rnd is not None else ""), flush=True)
+            with cpu_hog(hog):
+                r = launch(m, n, k, budget, tmp, args.timeout, args.threads, data)
+            if r is None:
+                continue
+            r["method"] = m  # with its @budget
+            r["objective"] = shared_objective(x, r.pop("ranking"))
+            r["hog"], r["round"] = hog, rnd
+            rows.append(r)
+            print(f"  {m:<20} {r['seconds']:8.2f} s  peak {r['peak_bytes'] / 2**20:8.0f} MB  "
+                  f"objective d(A)/N = {r['objective']:.6f}", flush=True)
+        del x
+    by = {(r["method"], r["n"], r["data"]): r for r in rows if r["round"] is None}
+    if by:
+        print("\nratios (mixray / apricot lazy, same data, same N, same run):")
     for data in args.data:
         _ratio_lines(by, args.sizes, data)
     big = by.get(("mixray-lazy", args.big, "clustered"))
     if big is not None:
         print(f"  N={args.big} K={args.big_k} mixray-lazy: {big['seconds'] / 60:.1f} min, "
               f"peak {big['peak_bytes'] / 2**30:.2f} GB (targets: <= 4 min, <= 3 GB)")
-    hogged = {(r["method"], r["n"], r["data"]): r for r in rows if r["hog"]}
-    if hogged:
-        print(f"\nslowdown under {args.hog} CPU-hog processes (hog time / quiet time, same method):")
-        for (m, n, data), r in hogged.items():
-            if (m, n, data) in by:
-                print(f"  {data:<9} N={n:>6} {m:<20} "
-                      f"{r['seconds'] / by[(m, n, data)]['seconds']:5.2f}x")
+    if args.hog:
+        _slowdown_lines([r for r in rows if r["round"] is not None], args.hog, args.repeats)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
