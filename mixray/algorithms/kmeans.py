@@ -53,8 +53,10 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator
 
+from mixray.algorithms import fused
 from mixray.algorithms.cores import available_cores
 from mixray.algorithms.devices import resolve_device
+from mixray.algorithms.gemm import RightProduct
 from mixray.algorithms.params import Interval, validate
 from mixray.algorithms.threads import gemm_threads, shared_executor
 from mixray.choices import KMEANS_INITS
@@ -90,6 +92,7 @@ def assign(
     centre_block: int = DEFAULT_CENTRE_BLOCK,
     row_start: int = 0,
     row_stop: int | None = None,
+    products: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centre of every row of ``X[row_start:row_stop]``.
 
@@ -99,17 +102,19 @@ def assign(
         D = ((X[:, None, :] - C[None, :, :]) ** 2).sum(-1); labels, min_sq = D.argmin(1), D.min(1)
 
     Ties go to the lower centre index. Memory: one ``rows × centre_block`` block.
+    ``products``: ``centre_products(C, c_sq, centre_block)`` when the caller has them
+    (prepared once per set of centres).
     """
     row_stop = X.shape[0] if row_stop is None else row_stop
     Xs = X[row_start:row_stop]
     x_sq = squared_norms(Xs) if x_sq is None else x_sq[row_start:row_stop]
-    arg, best, _ = _nearest_blocks(Xs, C, c_sq, centre_block, second=False)
+    arg, best, _ = _nearest_blocks(Xs, C, c_sq, centre_block, second=False, products=products)
     return arg, (best + x_sq).clamp_min_(0)
 
 
 def assign_two(X: torch.Tensor, C: torch.Tensor, *, x_sq: torch.Tensor | None = None,
                c_sq: torch.Tensor | None = None, centre_block: int = DEFAULT_CENTRE_BLOCK,
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               products: list | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Nearest and second-nearest centre of every row of ``X``.
 
     ``X [m, d]``, ``C [k, d]`` -> ``labels [m] int64``, ``min_sq [m]``, ``second_sq [m]``
@@ -119,27 +124,44 @@ def assign_two(X: torch.Tensor, C: torch.Tensor, *, x_sq: torch.Tensor | None = 
         D = ((X[:, None] - C[None]) ** 2).sum(-1); D.sort(1).values[:, :2]
     """
     x_sq = squared_norms(X) if x_sq is None else x_sq
-    arg, best, second = _nearest_blocks(X, C, c_sq, centre_block, second=True)
+    arg, best, second = _nearest_blocks(X, C, c_sq, centre_block, second=True, products=products)
     return arg, (best + x_sq).clamp_min_(0), (second + x_sq).clamp_min_(0)
 
 
+def centre_products(C: torch.Tensor, c_sq: torch.Tensor | None = None,
+                    centre_block: int = DEFAULT_CENTRE_BLOCK) -> list[tuple[int, int, RightProduct]]:
+    """The E-step's products, prepared once per set of centres ``C [k, d]``:
+    ``[(s, e, P)]`` per centre block, ``P(X) = ‖c‖² − 2·X·C[s:e].T  [m, e−s]``
+    (:class:`~mixray.algorithms.gemm.RightProduct`: torch's BLAS or oneDNN)."""
+    c_sq = squared_norms(C) if c_sq is None else c_sq
+    k = C.shape[0]
+    return [(s, min(k, s + centre_block), RightProduct(C[s : s + centre_block], -2.0, c_sq[s : s + centre_block]))
+            for s in range(0, k, centre_block)]
+
+
 def _nearest_blocks(X: torch.Tensor, C: torch.Tensor, c_sq: torch.Tensor | None, centre_block: int,
-                    second: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                    second: bool, products: list | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The block loop of ``assign``/``assign_two``: ``‖c‖² − 2·x·c`` per centre block
     (``‖x‖²`` is constant per row and added by the caller) -> ``(arg [m], best [m],
     second-best [m] or None)``. Ties go to the lower centre index."""
-    c_sq = squared_norms(C) if c_sq is None else c_sq
-    k = C.shape[0]
+    if products is None:
+        products = centre_products(C, c_sq, centre_block)
     best = arg = sec = None
-    for s in range(0, k, centre_block):
-        e = min(k, s + centre_block)
-        D = torch.addmm(c_sq[s:e], X, C[s:e].T, beta=1, alpha=-2)
-        m, a = D.min(dim=1)
-        if second:
-            if e - s > 1:
-                m2 = D.scatter_(1, a.unsqueeze(1), math.inf).min(dim=1).values
-            else:
-                m2 = torch.full_like(m, math.inf)
+    for s, e, product in products:
+        D = product(X)
+        if D.device.type == "cpu" and D.is_contiguous() and D.shape[0]:
+            # one pass: argmin, min and second min (fused.nearest_two; same bits as below)
+            a = torch.empty(D.shape[0], dtype=torch.int64)
+            m, m2 = torch.empty(D.shape[0], dtype=D.dtype), torch.empty(D.shape[0], dtype=D.dtype)
+            fused.nearest_two(D.numpy(), a.numpy(), m.numpy(), m2.numpy())
+        else:
+            m, a = D.min(dim=1)
+            if second:
+                if e - s > 1:
+                    m2 = D.scatter_(1, a.unsqueeze(1), math.inf).min(dim=1).values
+                else:
+                    m2 = torch.full_like(m, math.inf)
         if best is None:
             best, arg, sec = m, a, (m2 if second else None)
         else:
@@ -149,6 +171,16 @@ def _nearest_blocks(X: torch.Tensor, C: torch.Tensor, c_sq: torch.Tensor | None,
             best = torch.where(better, m, best)
             arg = torch.where(better, a + s, arg)
     return arg, best, sec
+
+
+def _gathered_sq(X: torch.Tensor, C: torch.Tensor, rows: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+    """``[m]``: ``‖X[rows] − C[lab]‖²`` (one fused pass on CPU float32, else from differences)."""
+    if X.device.type == "cpu" and X.dtype == torch.float32 and X.is_contiguous() and C.is_contiguous():
+        out = torch.empty(len(rows), dtype=X.dtype)
+        fused.gathered_sq_dist(X.numpy(), C.numpy(), rows.numpy(), lab.numpy(), out.numpy())
+        return out
+    diff = X[rows] - C[lab]
+    return (diff * diff).sum(1)
 
 
 def own_sq(X: torch.Tensor, C: torch.Tensor, labels: torch.Tensor, rows: int = 1 << 14) -> torch.Tensor:
@@ -367,11 +399,10 @@ class LocalShards:
         budget = BLOCK_ELEMENTS.get(self.X.device.type, BLOCK_ELEMENTS["cuda"])
         return max(256, budget // max(1, min(k, self.centre_block)))
 
-    def _full(self, rows: torch.Tensor | slice, centres: torch.Tensor, c_sq: torch.Tensor) -> int:
+    def _full(self, rows: torch.Tensor | slice, centres: torch.Tensor, products: list) -> int:
         """Every distance of ``rows`` (a slice, or global indices): new labels and exact
         bounds; returns how many labels changed."""
-        lab, m1, m2 = assign_two(self.X[rows], centres, x_sq=self.x_sq[rows], c_sq=c_sq,
-                                 centre_block=self.centre_block)
+        lab, m1, m2 = assign_two(self.X[rows], centres, x_sq=self.x_sq[rows], products=products)
         changed = int((lab != self.labels[rows]).sum())
         self.labels[rows] = lab
         if self.prune:
@@ -394,14 +425,12 @@ class LocalShards:
         if len(doubt) > DENSE_FRACTION * (hi - lo):
             return None
         if len(doubt):
-            rows = doubt + lo
-            diff = self.X[rows] - centres[lab[doubt]]
-            exact = (diff * diff).sum(1)
+            exact = _gathered_sq(self.X, centres, doubt + lo, lab[doubt])
             u[doubt] = exact.sqrt()
             doubt = doubt[low[doubt] ** 2 - exact <= tau[doubt]]
         return doubt + lo
 
-    def _assign_range(self, lo: int, hi: int, centres: torch.Tensor, c_sq: torch.Tensor,
+    def _assign_range(self, lo: int, hi: int, centres: torch.Tensor, products: list,
                       moved: tuple | None, with_sums: bool, single_thread: bool) -> tuple:
         """Assign rows ``lo..hi-1`` (labels and bounds written in place).
 
@@ -416,11 +445,11 @@ class LocalShards:
         todo = None if moved is None else self._unsettled(lo, hi, centres, moved)
         if todo is None:
             for s in range(lo, hi, rows):
-                changed += self._full(slice(s, min(hi, s + rows)), centres, c_sq)
+                changed += self._full(slice(s, min(hi, s + rows)), centres, products)
         else:
             skipped = (hi - lo) - len(todo)
             for s in range(0, len(todo), rows):
-                changed += self._full(todo[s : s + rows], centres, c_sq)
+                changed += self._full(todo[s : s + rows], centres, products)
         sums = counts = None
         if with_sums:
             sums, counts = partial_sums(self.X[lo:hi], self.labels[lo:hi], k)
@@ -445,9 +474,10 @@ class LocalShards:
         M-step sums if asked."""
         c_sq = squared_norms(centres)
         moved = self._moved(centres, c_sq)
+        products = centre_products(centres, c_sq, self.centre_block)  # prepared once per step
         n = self.X.shape[0]
         if self.workers == 1:
-            parts = [self._assign_range(0, n, centres, c_sq, moved, with_sums, False)]
+            parts = [self._assign_range(0, n, centres, products, moved, with_sums, False)]
         else:
             bounds = [round(n * i / self.workers) for i in range(self.workers + 1)]
             # the workers' setting is process-wide for MKL: restored on exit (a no-op inside
@@ -455,7 +485,7 @@ class LocalShards:
             # thread pools every iteration cost 14% of the iteration time at k = 100)
             with gemm_threads(1):
                 parts = list(shared_executor(self.workers).map(
-                    lambda i: self._assign_range(bounds[i], bounds[i + 1], centres, c_sq, moved,
+                    lambda i: self._assign_range(bounds[i], bounds[i + 1], centres, products, moved,
                                                  with_sums, True), range(self.workers)))
         self._centres = centres.clone()
         if self.prune:

@@ -1,0 +1,99 @@
+"""Float32 matrix products ``a @ (s·b).T + bias`` with a fixed right factor, on the faster CPU library.
+
+torch computes a float32 ``@`` on CPU with its BLAS, Intel MKL in the x86 wheels.
+MKL takes its AVX-512 kernels on Intel CPUs only: on an AMD EPYC with AVX-512
+(the 2-vCPU benchmark host of 2026-12) a float32 product of 100K×384 by 384×1000
+took 0.39 s with MKL and 0.18 s with oneDNN (which torch also ships, and which
+dispatches on the CPU's features, not its vendor) — 2.1× for the same float32
+arithmetic. KMeans's E-step is one such product per iteration.
+
+:class:`RightProduct` ``(b [n, d], scale, bias [n])`` prepares ``b`` once and then
+maps ``a [m, d] -> a @ (scale·b).T + bias  [m, n]`` (float32) for any number of
+left factors. The backend is :func:`cpu_backend`, one per process:
+
+- ``"blas"``: ``torch.addmm`` (torch's BLAS). Used on GPU, for float64, on Intel
+  CPUs, and wherever oneDNN's linear op is missing.
+- ``"onednn"``: oneDNN's inner product with a pre-packed weight
+  (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``, the ops
+  torch's own compiler uses for float32 linear layers on CPU). Default on x86 CPUs
+  that are not Intel's.
+
+``MIXRAY_CPU_GEMM=blas|onednn|auto`` (default ``auto``) overrides the choice.
+
+Both are plain float32 arithmetic (no bfloat16 or TF32 inside), so errors are
+those of a float32 dot product of length ``d``; the rounding differs between the
+two (sums in another order), so results are bit-identical within one backend and
+equal up to float32 rounding across backends. Within a backend each entry of the
+result does not depend on how many rows ``a`` has or where a row sits in it
+(tested in ``tests/unit/test_gemm.py``), which the KMeans pruning relies on: a
+point's distances are the same whether its row is computed alone or in a block.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("blas", "onednn")
+ENV = "MIXRAY_CPU_GEMM"
+
+
+def _cpu_vendor() -> str:
+    """``vendor_id`` of ``/proc/cpuinfo`` (``GenuineIntel``, ``AuthenticAMD`` …), or ''."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _onednn_ops() -> bool:
+    """Whether this torch has oneDNN's linear ops (x86 CPU wheels do)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@functools.cache
+def cpu_backend() -> str:
+    """The float32 CPU backend of this process: ``"blas"`` or ``"onednn"`` (module docstring)."""
+    asked = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if asked not in (*BACKENDS, "auto"):
+        raise ValueError(f"{ENV}={asked!r}: expected one of blas, onednn, auto")
+    if asked == "blas" or not _onednn_ops():
+        return "blas"
+    if asked == "onednn":
+        return "onednn"
+    return "onednn" if _cpu_vendor() not in ("GenuineIntel", "") else "blas"
+
+
+class RightProduct:
+    """``a [m, d] -> a @ (scale·b).T + bias  [m, n]`` for a fixed ``b [n, d]`` (and ``bias [n]``).
+
+    ``scale`` should be a power of two (then ``scale·b`` is exact). Naive equivalent::
+
+        torch.addmm(bias, a, b.T, beta=1, alpha=scale)
+    """
+
+    def __init__(self, b: torch.Tensor, scale: float = 1.0, bias: torch.Tensor | None = None):
+        self.b, self.scale, self.bias = b, scale, bias
+        self.onednn = b.device.type == "cpu" and b.dtype == torch.float32 and cpu_backend() == "onednn"
+        if self.onednn:
+            w = b * scale if scale != 1.0 else b.contiguous()
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+            self.bias = None if bias is None else bias.contiguous()
+
+    def __call__(self, a: torch.Tensor) -> torch.Tensor:
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise(a.contiguous(), self.packed, self.bias, "none", [], "")
+        if self.bias is None:
+            return a @ self.b.T if self.scale == 1.0 else torch.mm(a, self.b.T).mul_(self.scale)
+        return torch.addmm(self.bias, a, self.b.T, beta=1, alpha=self.scale)

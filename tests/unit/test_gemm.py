@@ -1,0 +1,85 @@
+"""The float32 product backends (mixray.algorithms.gemm): the choice, the values, and the
+shape invariance that KMeans's pruning and the exact facility-location gains rely on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixray.algorithms import gemm
+from mixray.algorithms.gemm import RightProduct, cpu_backend
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    """Run a test under ``MIXRAY_CPU_GEMM=<param>`` (the per-process choice re-read)."""
+    monkeypatch.setenv(gemm.ENV, request.param)
+    cpu_backend.cache_clear()
+    yield cpu_backend()
+    cpu_backend.cache_clear()
+
+
+@pytest.mark.parametrize("backend", ["blas", "onednn"], indirect=True)
+def test_right_product_is_the_float32_product(backend):
+    g = torch.Generator().manual_seed(0)
+    a, b, bias = torch.randn(70, 48, generator=g), torch.randn(33, 48, generator=g), torch.randn(33, generator=g)
+    want = (a.double() @ (-2 * b.double()).T + bias.double())
+    got = RightProduct(b, -2.0, bias)(a)
+    assert got.shape == (70, 33) and got.dtype == torch.float32
+    # float32 dot products of length 48 with |terms| ≲ 10: errors ~1e-5, not bfloat16's 1e-1
+    assert torch.allclose(got.double(), want, atol=1e-4, rtol=0)
+    assert torch.allclose(RightProduct(b)(a).double(), a.double() @ b.double().T, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["blas", "onednn"], indirect=True)
+def test_every_entry_is_independent_of_the_call_shape(backend):
+    """A row's products are bit-identical in any block of rows (oneDNN: even alone; MKL: in
+    blocks of at least 16 rows, what qsims pads to), gathered in any order, against any
+    slice of at least 16 columns, on 1 or 2 threads."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.nn.functional.normalize(torch.randn(700, 384, generator=g), dim=1).mul_(2048)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref = RightProduct(X)(X)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for m in ((1, 3) if backend == "onednn" else ()) + (16, 37, 256, 700):
+                rows = torch.randperm(700, generator=g)[:m]
+                assert torch.equal(RightProduct(X)(X[rows]), ref[rows])
+            for c0, c1 in ((0, 16), (5, 517), (16, 700)):
+                assert torch.equal(RightProduct(X[c0:c1])(X), ref[:, c0:c1])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_choice_follows_the_cpu_and_the_override(monkeypatch):
+    cpu_backend.cache_clear()
+    try:
+        monkeypatch.setenv(gemm.ENV, "auto")
+        monkeypatch.setattr(gemm, "_onednn_ops", lambda: True)
+        monkeypatch.setattr(gemm, "_cpu_vendor", lambda: "GenuineIntel")
+        assert cpu_backend() == "blas"  # MKL's own CPUs keep MKL
+        cpu_backend.cache_clear()
+        monkeypatch.setattr(gemm, "_cpu_vendor", lambda: "AuthenticAMD")
+        assert cpu_backend() == "onednn"
+        cpu_backend.cache_clear()
+        monkeypatch.setenv(gemm.ENV, "blas")
+        assert cpu_backend() == "blas"
+        cpu_backend.cache_clear()
+        monkeypatch.setattr(gemm, "_onednn_ops", lambda: False)
+        monkeypatch.setenv(gemm.ENV, "onednn")
+        assert cpu_backend() == "blas"  # asked for, but this torch has no oneDNN linear ops
+        cpu_backend.cache_clear()
+        monkeypatch.setenv(gemm.ENV, "mkl")
+        with pytest.raises(ValueError, match="MIXRAY_CPU_GEMM='mkl'"):
+            cpu_backend()
+    finally:
+        cpu_backend.cache_clear()
+
+
+def test_float64_and_the_blas_backend_are_torch_addmm():
+    g = torch.Generator().manual_seed(2)
+    a, b, bias = (torch.randn(20, 8, generator=g, dtype=torch.float64), torch.randn(9, 8, generator=g,
+                  dtype=torch.float64), torch.randn(9, generator=g, dtype=torch.float64))
+    assert torch.equal(RightProduct(b, -2.0, bias)(a), torch.addmm(bias, a, b.T, beta=1, alpha=-2))
