@@ -1,5 +1,5 @@
-"""Fused CPU kernels (numba) for facility location's gain sums: one pass over memory where
-torch needs several.
+"""Fused CPU kernels (numba) for facility location's gain sums and KMeans's nearest two
+centres: one pass over memory where torch needs several.
 
 A gain term is ``max(0, s − cur)`` with ``s`` and ``cur`` integer-valued float32
 (the 2^-22 grid, see the package docstring): the difference is exact in float32
@@ -288,3 +288,45 @@ def mirror_entries(rows, cols, vals, w, col0, row0):  # pragma: no cover - compi
         counts[j] = d + 1
     return m_rows, m_cols, m_vals
 
+
+
+@njit(**_JIT)
+def nearest_two(D, arg, best, second):  # pragma: no cover - compiled
+    """Per row of ``D`` [m, c] (float32 or float64): ``arg[i] = argmin_j D[i, j]`` (the first
+    on ties), ``best[i] = D[i, arg[i]]``, ``second[i] = min_{j ≠ arg[i]} D[i, j]`` (inf when
+    c = 1). Comparisons only (no arithmetic): bit-identical to ``D.min(1)`` and the minimum
+    of the row with ``arg`` masked, in one pass instead of three. Serial (called from
+    KMeans's row workers, one per core)."""
+    for i in range(D.shape[0]):
+        b1 = np.inf
+        b2 = np.inf
+        a = 0
+        for j in range(D.shape[1]):
+            v = D[i, j]
+            if v < b2:
+                if v < b1:
+                    b2 = b1
+                    b1 = v
+                    a = j
+                else:
+                    b2 = v
+        arg[i] = a
+        best[i] = b1
+        second[i] = b2
+
+
+@njit(**_JIT)
+def gathered_sq_dist(X, C, rows, lab, out):  # pragma: no cover - compiled
+    """``out[i] = ‖X[rows[i]] − C[lab[i]]‖²`` (``X`` [n, d], ``C`` [k, d] float32, ``rows``,
+    ``lab`` int64 [m], ``out`` [m]), without materialising the gathered rows or their
+    differences (torch needs two gathers, a difference and a square: four passes over
+    ``m × d``). Float32 sums in any order (float rounding, like torch's reduction).
+    Serial: called from KMeans's row workers."""
+    for i in range(rows.shape[0]):
+        x = X[rows[i]]
+        c = C[lab[i]]
+        acc = np.float32(0.0)
+        for j in range(x.shape[0]):
+            t = x[j] - c[j]
+            acc += t * t
+        out[i] = acc

@@ -117,3 +117,34 @@ def test_split_over_threads_is_exact_and_guarded(monkeypatch):
     monkeypatch.setattr(fk, "shared_executor", lambda w: calls.append(w))
     assert torch.equal(fk.dense_gains(xs[:40], xs, cur, workers=3), one)
     assert calls == []
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nearest_two_is_min_and_the_masked_min(dtype):
+    """KMeans's one-pass (argmin, min, second min) equals torch's min and the min with the
+    argmin masked, bit for bit; ties go to the first index and count as the second."""
+    rng = np.random.default_rng(3)
+    D = rng.normal(size=(50, 31)).astype(dtype)
+    D[0, 4] = D[0, 9] = D[0].min() - 1  # a tie for the minimum
+    D[1, :] = 2.0  # a constant row
+    arg, m1, m2 = np.empty(50, np.int64), np.empty(50, dtype), np.empty(50, dtype)
+    fused.nearest_two(D, arg, m1, m2)
+    t = torch.from_numpy(D.copy())
+    vals, idx = t.min(1)
+    second = t.scatter(1, idx[:, None], float("inf")).min(1).values
+    assert np.array_equal(arg, idx.numpy()) and arg[0] == 4 and arg[1] == 0
+    assert np.array_equal(m1, vals.numpy()) and np.array_equal(m2, second.numpy())
+    assert m2[0] == m1[0] and m2[1] == 2.0
+    one = np.empty(50, dtype)
+    fused.nearest_two(D[:, :1].copy(), arg, m1, one)
+    assert np.isinf(one).all() and (arg == 0).all()
+
+
+def test_gathered_sq_dist_is_the_distance_of_the_gathered_rows():
+    rng = np.random.default_rng(4)
+    X, C = rng.normal(size=(40, 384)).astype(np.float32), rng.normal(size=(7, 384)).astype(np.float32)
+    rows, lab = np.array([3, 39, 0, 3], np.int64), np.array([6, 0, 2, 2], np.int64)
+    out = np.empty(4, np.float32)
+    fused.gathered_sq_dist(X, C, rows, lab, out)
+    want = ((X[rows].astype(np.float64) - C[lab]) ** 2).sum(1)
+    np.testing.assert_allclose(out, want, rtol=1e-5)
