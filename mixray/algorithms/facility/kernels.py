@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mixray.algorithms import fused
+from mixray.algorithms.gemm import RightProduct
 from mixray.algorithms.threads import gemm_threads, shared_executor
 
 SCALE_EXP = 22  # similarities are integers in units of 2^-22 (below 2^24: float32 stays exact)
@@ -36,6 +37,8 @@ def qsims(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     ``a``, ``b`` are scaled embeddings (``2^11·x``), so this is ``floor(2^22·cos)``.
     Both GEMM dims are padded to multiples of 16: each entry is then bit-identical
     whatever the shapes of the call, so gains computed in different batches agree.
+    The product is :class:`~mixray.algorithms.gemm.RightProduct` (torch's BLAS, or
+    oneDNN on non-Intel x86 CPUs: 2.1× faster there, and shape-invariant as well).
     """
     r, c = a.shape[0], b.shape[0]
     rp, cp = _round_up(r), _round_up(c)
@@ -43,7 +46,7 @@ def qsims(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         a = torch.cat([a, a.new_zeros(rp - r, a.shape[1])])
     if cp != c:
         b = torch.cat([b, b.new_zeros(cp - c, b.shape[1])])
-    out = a @ b.T
+    out = RightProduct(b)(a)
     if rp != r or cp != c:
         out = out[:r, :c].contiguous()
     return out.floor_()
