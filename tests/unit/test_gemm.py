@@ -54,15 +54,17 @@ def test_every_entry_is_independent_of_the_call_shape(backend):
 
 
 def test_the_choice_follows_the_cpu_and_the_override(monkeypatch):
+    limited = []
+    monkeypatch.setattr(gemm, "_limit_onednn_caches", lambda: limited.append(True))
     cpu_backend.cache_clear()
     try:
         monkeypatch.setenv(gemm.ENV, "auto")
         monkeypatch.setattr(gemm, "_onednn_ops", lambda: True)
         monkeypatch.setattr(gemm, "_cpu_vendor", lambda: "GenuineIntel")
-        assert cpu_backend() == "blas"  # MKL's own CPUs keep MKL
+        assert cpu_backend() == "blas" and not limited  # MKL's own CPUs keep MKL
         cpu_backend.cache_clear()
         monkeypatch.setattr(gemm, "_cpu_vendor", lambda: "AuthenticAMD")
-        assert cpu_backend() == "onednn"
+        assert cpu_backend() == "onednn" and limited == [True]  # and its shape caches capped
         cpu_backend.cache_clear()
         monkeypatch.setenv(gemm.ENV, "blas")
         assert cpu_backend() == "blas"
@@ -83,3 +85,14 @@ def test_float64_and_the_blas_backend_are_torch_addmm():
     a, b, bias = (torch.randn(20, 8, generator=g, dtype=torch.float64), torch.randn(9, 8, generator=g,
                   dtype=torch.float64), torch.randn(9, generator=g, dtype=torch.float64))
     assert torch.equal(RightProduct(b, -2.0, bias)(a), torch.addmm(bias, a, b.T, beta=1, alpha=-2))
+
+
+def test_qsims_pads_packed_products_to_a_short_ladder():
+    """oneDNN keeps state per GEMM shape: its products are padded to ≤ 1/8 more, ~8 sizes per octave."""
+    from mixray.algorithms.facility.kernels import _round_up_ladder
+
+    got = [_round_up_ladder(n) for n in (1, 16, 17, 100, 129, 257, 1000, 1025, 4097)]
+    assert got == [16, 16, 32, 112, 144, 288, 1024, 1152, 4608]
+    sizes = {_round_up_ladder(n) for n in range(1, 200_001)}
+    assert len(sizes) < 100 and all(s % 16 == 0 for s in sizes)
+    assert all(n <= _round_up_ladder(n) <= max(16, n * 9 / 8 + 16) for n in range(1, 5000))

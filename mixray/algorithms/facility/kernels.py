@@ -31,6 +31,16 @@ def _round_up(n: int) -> int:
     return max(_PAD, -(-n // _PAD) * _PAD)
 
 
+def _round_up_ladder(n: int) -> int:
+    """``n`` rounded up to a multiple of 16 with at most 3 significant bits above that (16, 32,
+    …, 128, 144, 160, …, 256, 288, …): at most 1/8 padding, and only ~8 sizes per octave.
+    oneDNN keeps state per GEMM shape it has seen (measured: ~0.7 GB at N = 100K with every
+    multiple of 16), so its shapes come from this short ladder."""
+    n = _round_up(n)
+    step = max(_PAD, 1 << max(0, n.bit_length() - 4))
+    return -(-n // step) * step
+
+
 def qsims(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Quantised similarities ``floor(a @ b.T)`` ([r, d] x [c, d] -> [r, c], integer-valued float32).
 
@@ -41,12 +51,20 @@ def qsims(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     oneDNN on non-Intel x86 CPUs: 2.1× faster there, and shape-invariant as well).
     """
     r, c = a.shape[0], b.shape[0]
-    rp, cp = _round_up(r), _round_up(c)
+    pad = _round_up_ladder if RightProduct.packs(b) else _round_up
+    rp, cp = pad(r), pad(c)
     if rp != r:
         a = torch.cat([a, a.new_zeros(rp - r, a.shape[1])])
     if cp != c:
         b = torch.cat([b, b.new_zeros(cp - c, b.shape[1])])
-    out = RightProduct(b)(a)
+    if cp > COL_BLOCK and RightProduct.packs(b):
+        # oneDNN packs its right factor: blocks of columns keep that copy at 6 MB, not 4·c·d
+        # bytes (307 MB for the 200K columns of choose_threshold's sample); entries unchanged
+        out = torch.empty(rp, cp, dtype=a.dtype)
+        for j in range(0, cp, COL_BLOCK):
+            out[:, j : j + COL_BLOCK] = RightProduct(b[j : j + COL_BLOCK])(a)
+    else:
+        out = RightProduct(b)(a)
     if rp != r or cp != c:
         out = out[:r, :c].contiguous()
     return out.floor_()
