@@ -29,7 +29,10 @@ into the embeddings (``xs = 2^11·x``, exact in float32), so matrix products
 give scaled similarities directly. Bit-identical similarities also need the
 BLAS to compute a dot product the same way in every matrix shape; with MKL
 this holds once both GEMM dimensions are at least 16, so :func:`qsims` pads
-them (on other BLAS builds results agree up to float32 rounding).
+them; oneDNN, the product backend on non-Intel x86 CPUs
+(:mod:`mixray.algorithms.gemm`), computes it the same way in every shape, and
+:func:`qsims` pads its products to a short ladder of sizes (oneDNN keeps state
+per shape). Across backends or BLAS builds results agree up to float32 rounding.
 
 How the exact greedy stays fast
 -------------------------------
