@@ -289,7 +289,6 @@ def mirror_entries(rows, cols, vals, w, col0, row0):  # pragma: no cover - compi
     return m_rows, m_cols, m_vals
 
 
-
 @njit(**_JIT)
 def nearest_two(D, arg, best, second):  # pragma: no cover - compiled
     """Per row of ``D`` [m, c] (float32 or float64): ``arg[i] = argmin_j D[i, j]`` (the first

@@ -51,13 +51,14 @@ def qsims(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     oneDNN on non-Intel x86 CPUs: 2.1× faster there, and shape-invariant as well).
     """
     r, c = a.shape[0], b.shape[0]
-    pad = _round_up_ladder if RightProduct.packs(b) else _round_up
+    packs = RightProduct.packs(b)
+    pad = _round_up_ladder if packs else _round_up
     rp, cp = pad(r), pad(c)
     if rp != r:
         a = torch.cat([a, a.new_zeros(rp - r, a.shape[1])])
     if cp != c:
         b = torch.cat([b, b.new_zeros(cp - c, b.shape[1])])
-    if cp > COL_BLOCK and RightProduct.packs(b):
+    if cp > COL_BLOCK and packs:
         # oneDNN packs its right factor: blocks of columns keep that copy at 6 MB, not 4·c·d
         # bytes (307 MB for the 200K columns of choose_threshold's sample); entries unchanged
         out = torch.empty(rp, cp, dtype=a.dtype)
