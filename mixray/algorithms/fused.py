@@ -137,14 +137,44 @@ def block_col_gains(s, cur_rows, out):  # pragma: no cover - compiled
     width = 64
     for b in prange((c + width - 1) // width):
         j0 = b * width
-        j1 = min(c, j0 + width)
-        acc = np.zeros(j1 - j0, dtype=np.float64)
+        m = min(c, j0 + width) - j0
+        acc = np.zeros(m, dtype=np.float64)
         for i in range(r):
             ci = cur_rows[i]
-            for j in range(j0, j1):
-                acc[j - j0] += max(s[i, j] - ci, np.float32(0.0))
-        for j in range(j0, j1):
-            out[j] += acc[j - j0]
+            row = s[i, j0:j0 + m]  # a slice: vectorises (see block_col_sums)
+            for j in range(m):
+                acc[j] += max(row[j] - ci, np.float32(0.0))
+        for j in range(m):
+            out[j0 + j] += acc[j]
+
+
+@njit(parallel=True, **_JIT)
+def block_col_sums(s, cur_rows, cap_rows, c0, c1, capped, out):  # pragma: no cover - compiled
+    """``out[j − c0] += Σ_i t(s[i, j] − cur_rows[i])`` for ``j`` in ``[c0, c1)``, ``i <
+    len(cur_rows)``, with ``t(x) = max(0, x)`` or, when ``capped``, ``min(max(0, x), cap_rows[i])``.
+
+    The gains (or drops) of a transposed block: ``s`` float32 [h ≥ len(cur_rows), w ≥ c1] is
+    ``columns × candidates`` (a padded product, padding outside the ranges); ``cur_rows``,
+    ``cap_rows`` float32 [n] (``cap_rows`` unused unless ``capped``), ``out`` float64 [c1 − c0].
+    """
+    n = cur_rows.shape[0]
+    width = 64
+    for b in prange((c1 - c0 + width - 1) // width):
+        j0 = c0 + b * width
+        m = min(c1, j0 + width) - j0
+        acc = np.zeros(m, dtype=np.float64)
+        for i in range(n):
+            ci = cur_rows[i]
+            row = s[i, j0:j0 + m]  # a slice, not s[i, j]: the loop below then vectorises (4-10x)
+            if capped:
+                cap = cap_rows[i]
+                for j in range(m):
+                    acc[j] += min(max(row[j] - ci, np.float32(0.0)), cap)
+            else:
+                for j in range(m):
+                    acc[j] += max(row[j] - ci, np.float32(0.0))
+        for j in range(m):
+            out[j0 - c0 + j] += acc[j]
 
 
 @njit(parallel=True, **_JIT)

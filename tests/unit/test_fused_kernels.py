@@ -41,6 +41,15 @@ def test_block_kernels_equal_the_exact_sums(seed):
     out = np.zeros(c)
     fused.block_col_gains(s, cur_r, out)
     assert np.array_equal(out, _ref(s, cur_r[:, None], 0))
+    # the transposed block (columns x candidates, padded): candidates [c0, c1), rows < len(cur)
+    st = np.ascontiguousarray(np.vstack([s, _grid(rng, (3, c))]).T)  # [c, r + 3]: padding rows of s
+    for c0, c1 in ((0, r), (5, 30)):
+        out = np.ones(c1 - c0)
+        fused.block_col_sums(st, cur_c, cap, c0, c1, False, out)
+        assert np.array_equal(out, 1 + _ref(s[c0:c1], cur_c, 1))
+        out = np.zeros(c1 - c0)
+        fused.block_col_sums(st, cur_c, cap, c0, c1, True, out)
+        assert np.array_equal(out, _ref(s[c0:c1], cur_c, 1, cap))
     rows = np.array([5, 0, 36, 5], dtype=np.int64)
     out = np.full(4, np.nan)
     fused.row_gains(s, rows, cur_c, out)

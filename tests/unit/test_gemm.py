@@ -96,3 +96,29 @@ def test_qsims_pads_packed_products_to_a_short_ladder():
     sizes = {_round_up_ladder(n) for n in range(1, 200_001)}
     assert len(sizes) < 100 and all(s % 16 == 0 for s in sizes)
     assert all(n <= _round_up_ladder(n) <= max(16, n * 9 / 8 + 16) for n in range(1, 5000))
+
+
+@pytest.mark.parametrize("backend", ["blas", "onednn"], indirect=True)
+def test_qsims_is_the_same_product_either_way_round(backend):
+    """qsims packs the smaller factor on oneDNN (``(b @ a.T).T`` for few rows): every entry must
+    be the one the other orientation gives — the lazy greedy's skinny products (1–512 candidate
+    rows against 4,096 columns) are computed that way, its first pass the other way, and the
+    symmetric first pass uses each block for both of its sides."""
+    from mixray.algorithms.facility.kernels import _round_up, _round_up_ladder, qsims
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.nn.functional.normalize(torch.randn(4700, 384, generator=g), dim=1).mul_(2048)
+    pad = _round_up_ladder if RightProduct.packs(X) else _round_up
+
+    def padded(x):
+        return torch.cat([x, x.new_zeros(pad(len(x)) - len(x), x.shape[1])])
+
+    b = X[500:]
+    for r in (1, 16, 37, 512):
+        a = X[:r]
+        s = qsims(a, b)
+        assert s.shape == (r, len(b)) and s.is_contiguous()
+        # the product as it was computed before: b packed, a streamed
+        ref = RightProduct(padded(b))(padded(a))[:r, : len(b)].floor()
+        assert torch.equal(s, ref)
+        assert torch.equal(qsims(b, a), s.T)

@@ -25,6 +25,7 @@ _PAD = 16  # MKL computes a dot product identically in every GEMM shape once bot
 ROW_BLOCK = 512  # candidate rows per matrix product
 COL_BLOCK = 4096  # columns per matrix product (a 512 x 4096 float32 block is 8 MB)
 SYM_BLOCK = 1024  # square blocks of the symmetric first pass
+SKINNY = 128  # oneDNN: qsims packs a left factor of at most this many rows (then it pays)
 
 
 def _round_up(n: int) -> int:
@@ -49,6 +50,11 @@ def qsims(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     whatever the shapes of the call, so gains computed in different batches agree.
     The product is :class:`~mixray.algorithms.gemm.RightProduct` (torch's BLAS, or
     oneDNN on non-Intel x86 CPUs: 2.1× faster there, and shape-invariant as well).
+
+    oneDNN packs its right factor on every call (0.55 ms for 4,096 columns, more than
+    the product of 16 rows with them), so few rows (``r ≤ SKINNY < c``) are packed
+    instead: the product is ``(b @ a.T).T``. Each entry is the same float32 dot product
+    either way round (tested; the symmetric first pass relies on it as well).
     """
     r, c = a.shape[0], b.shape[0]
     packs = RightProduct.packs(b)
@@ -58,9 +64,11 @@ def qsims(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         a = torch.cat([a, a.new_zeros(rp - r, a.shape[1])])
     if cp != c:
         b = torch.cat([b, b.new_zeros(cp - c, b.shape[1])])
+    if packs and rp <= SKINNY and rp < cp:
+        return RightProduct(a)(b).floor_().T[:r, :c].contiguous()
     if cp > COL_BLOCK and packs:
         # oneDNN packs its right factor: blocks of columns keep that copy at 6 MB, not 4·c·d
-        # bytes (307 MB for the 200K columns of choose_threshold's sample); entries unchanged
+        # bytes for two large factors; entries unchanged
         out = torch.empty(rp, cp, dtype=a.dtype)
         for j in range(0, cp, COL_BLOCK):
             out[:, j : j + COL_BLOCK] = RightProduct(b[j : j + COL_BLOCK])(a)
@@ -69,6 +77,20 @@ def qsims(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if rp != r or cp != c:
         out = out[:r, :c].contiguous()
     return out.floor_()
+
+
+def qsims_transposed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``qsims(a, b).T`` with its padding, without the transposing copy: ``floor(b @ a.T)``
+    as float32 [c', r'] (c' ≥ c, r' ≥ r; rows ≥ c and columns ≥ r are padding), computed with
+    ``a`` packed. For the oneDNN backend (``RightProduct.packs``), where it is the cheap way
+    to take few rows ``a`` against many columns ``b``; entries bit-identical to :func:`qsims`."""
+    r, c = a.shape[0], b.shape[0]
+    rp, cp = _round_up_ladder(r), _round_up_ladder(c)
+    if rp != r:
+        a = torch.cat([a, a.new_zeros(rp - r, a.shape[1])])
+    if cp != c:
+        b = torch.cat([b, b.new_zeros(cp - c, b.shape[1])])
+    return RightProduct(a)(b).floor_()
 
 
 class Workspace:
@@ -164,11 +186,15 @@ def _dense_gains_blocks(xr: torch.Tensor, xcols: torch.Tensor, col_index: torch.
     r = xr.shape[0]
     c = xcols.shape[0] if col_index is None else col_index.shape[0]
     out = torch.zeros(r, dtype=torch.float64, device=xr.device)
+    transposed = RightProduct.packs(xr)
     for j0 in starts:
         j1 = min(c, j0 + COL_BLOCK)
         xc = xcols[j0:j1] if col_index is None else xcols[col_index[j0:j1]]
         for i0 in range(0, r, ROW_BLOCK):
             i1 = min(r, i0 + ROW_BLOCK)
+            if transposed:  # oneDNN: pack the candidate rows, not the 4,096 columns
+                _transposed_block_sums(qsims_transposed(xr[i0:i1], xc), groups, i0, i1, j0, j1, out)
+                continue
             s = qsims(xr[i0:i1], xc)
             for g0, g1, gcur, gcap in groups:
                 a, b = max(g0, i0), min(g1, i1)
@@ -176,6 +202,21 @@ def _dense_gains_blocks(xr: torch.Tensor, xcols: torch.Tensor, col_index: torch.
                     out[a:b] += gain_sums(s[a - i0:b - i0], gcur[j0:j1], ws=ws,
                                           cap=None if gcap is None else gcap[j0:j1])
     return out
+
+
+def _transposed_block_sums(st: torch.Tensor, groups: list, i0: int, i1: int, j0: int, j1: int,
+                           out: torch.Tensor) -> None:
+    """``out`` += the gains (or capped drops) of candidate rows ``[i0, i1)`` over columns
+    ``[j0, j1)`` from their transposed block ``st`` [≥ j1 − j0, ≥ i1 − i0] (one fused pass
+    per group; exact integer sums, so equal to :func:`gain_sums` on the untransposed block)."""
+    stn = st.numpy()
+    for g0, g1, gcur, gcap in groups:
+        a, b = max(g0, i0), min(g1, i1)
+        if a < b:
+            cur = gcur[j0:j1].to(torch.float32).contiguous()
+            cap = cur if gcap is None else gcap[j0:j1].to(torch.float32).contiguous()
+            fused.block_col_sums(stn, cur.numpy(), cap.numpy(), a - i0, b - i0, gcap is not None,
+                                 out[a:b].numpy())
 
 
 def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
