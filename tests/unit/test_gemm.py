@@ -100,11 +100,16 @@ def test_qsims_pads_packed_products_to_a_short_ladder():
 
 @pytest.mark.parametrize("backend", ["blas", "onednn"], indirect=True)
 def test_qsims_is_the_same_product_either_way_round(backend):
-    """qsims packs the smaller factor on oneDNN (``(b @ a.T).T`` for few rows): every entry must
-    be the one the other orientation gives — the lazy greedy's skinny products (1–512 candidate
-    rows against 4,096 columns) are computed that way, its first pass the other way, and the
-    symmetric first pass uses each block for both of its sides."""
-    from mixray.algorithms.facility.kernels import _round_up, _round_up_ladder, qsims
+    """On oneDNN qsims packs a factor of few rows (``(b @ a.T).T``) and the lazy greedy's
+    evaluations (1–512 candidate rows against 4,096 columns) take ``qsims_transposed`` blocks:
+    every entry must be the one the other orientation gives — the first pass computes it the
+    other way, and the symmetric first pass uses each block for both of its sides."""
+    from mixray.algorithms.facility.kernels import (
+        _round_up,
+        _round_up_ladder,
+        qsims,
+        qsims_transposed,
+    )
 
     g = torch.Generator().manual_seed(3)
     X = torch.nn.functional.normalize(torch.randn(4700, 384, generator=g), dim=1).mul_(2048)
@@ -122,3 +127,5 @@ def test_qsims_is_the_same_product_either_way_round(backend):
         ref = RightProduct(padded(b))(padded(a))[:r, : len(b)].floor()
         assert torch.equal(s, ref)
         assert torch.equal(qsims(b, a), s.T)
+        if RightProduct.packs(X):  # the evaluations' transposed blocks, padding included
+            assert torch.equal(qsims_transposed(a, b)[: len(b), :r], s.T)

@@ -49,7 +49,7 @@ def qsims(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     Both GEMM dims are padded to multiples of 16: each entry is then bit-identical
     whatever the shapes of the call, so gains computed in different batches agree.
     The product is :class:`~mixray.algorithms.gemm.RightProduct` (torch's BLAS, or
-    oneDNN on non-Intel x86 CPUs: 2.1× faster there, and shape-invariant as well).
+    oneDNN on non-Intel x86 CPUs: 1.1–2.1× faster there, and shape-invariant as well).
 
     oneDNN packs its right factor on every call (0.55 ms for 4,096 columns, more than
     the product of 16 rows with them), so few rows (``r ≤ SKINNY < c``) are packed
