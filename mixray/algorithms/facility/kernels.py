@@ -60,12 +60,12 @@ def qsims(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     packs = RightProduct.packs(b)
     pad = _round_up_ladder if packs else _round_up
     rp, cp = pad(r), pad(c)
+    if packs and rp <= SKINNY and rp < cp:
+        return qsims_transposed(a, b).T[:r, :c].contiguous()
     if rp != r:
         a = torch.cat([a, a.new_zeros(rp - r, a.shape[1])])
     if cp != c:
         b = torch.cat([b, b.new_zeros(cp - c, b.shape[1])])
-    if packs and rp <= SKINNY and rp < cp:
-        return RightProduct(a)(b).floor_().T[:r, :c].contiguous()
     if cp > COL_BLOCK and packs:
         # oneDNN packs its right factor: blocks of columns keep that copy at 6 MB, not 4·c·d
         # bytes for two large factors; entries unchanged
