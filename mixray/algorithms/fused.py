@@ -130,32 +130,15 @@ def block_row_drops(s, cur, cap, out):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, **_JIT)
-def block_col_gains(s, cur_rows, out):  # pragma: no cover - compiled
-    """``out[j] += Σ_i max(0, s[i, j] − cur_rows[i])`` (``s`` float32 [r, c], ``cur_rows`` [r],
-    ``out`` float64 [c]): the gains of the block's columns over its rows (symmetric first pass)."""
-    r, c = s.shape
-    width = 64
-    for b in prange((c + width - 1) // width):
-        j0 = b * width
-        m = min(c, j0 + width) - j0
-        acc = np.zeros(m, dtype=np.float64)
-        for i in range(r):
-            ci = cur_rows[i]
-            row = s[i, j0:j0 + m]  # a slice: vectorises (see block_col_sums)
-            for j in range(m):
-                acc[j] += max(row[j] - ci, np.float32(0.0))
-        for j in range(m):
-            out[j0 + j] += acc[j]
-
-
-@njit(parallel=True, **_JIT)
 def block_col_sums(s, cur_rows, cap_rows, c0, c1, capped, out):  # pragma: no cover - compiled
     """``out[j − c0] += Σ_i t(s[i, j] − cur_rows[i])`` for ``j`` in ``[c0, c1)``, ``i <
     len(cur_rows)``, with ``t(x) = max(0, x)`` or, when ``capped``, ``min(max(0, x), cap_rows[i])``.
 
-    The gains (or drops) of a transposed block: ``s`` float32 [h ≥ len(cur_rows), w ≥ c1] is
-    ``columns × candidates`` (a padded product, padding outside the ranges); ``cur_rows``,
-    ``cap_rows`` float32 [n] (``cap_rows`` unused unless ``capped``), ``out`` float64 [c1 − c0].
+    The gains (or drops) of a block's columns over its rows: a transposed block of the lazy
+    greedy (``columns × candidates``, a padded product, padding outside the ranges) or
+    :func:`~mixray.algorithms.facility.kernels.gain_sums` along ``dim=0``. ``s`` float32
+    [h ≥ len(cur_rows), w ≥ c1]; ``cur_rows``, ``cap_rows`` float32 [n] (``cap_rows`` unused
+    unless ``capped``); ``out`` float64 [c1 − c0].
     """
     n = cur_rows.shape[0]
     width = 64

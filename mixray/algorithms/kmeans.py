@@ -38,7 +38,7 @@ Most points are skipped after the first few iterations.
 
 Products: the E-step's ``‖c‖² − 2·X·C[s:e].T`` per centre block is a
 :class:`~mixray.algorithms.gemm.RightProduct` prepared once per step (``centre_products``:
-torch's BLAS, or oneDNN on non-Intel x86 CPUs, where it is 2.1× faster), and the row
+torch's BLAS, or oneDNN on non-Intel x86 CPUs, where it is 1.1–2.1× faster), and the row
 minimum, its index and the second minimum come from one fused pass
 (:func:`mixray.algorithms.fused.nearest_two`, the same bits as torch's ``min``).
 

@@ -27,7 +27,7 @@ def _ref(s: np.ndarray, cur: np.ndarray, axis: int, cap: np.ndarray | None = Non
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_block_kernels_equal_the_exact_sums(seed):
     rng = np.random.default_rng(seed)
-    r, c = 37, 203  # not multiples of the 64-column blocks of block_col_gains
+    r, c = 37, 203  # not multiples of the 64-column blocks of block_col_sums
     s = _grid(rng, (r, c))
     cur_c = _grid(rng, c, 0, 1 << 21)
     cur_r = _grid(rng, r, 0, 1 << 21)
@@ -39,7 +39,7 @@ def test_block_kernels_equal_the_exact_sums(seed):
     fused.block_row_drops(s, cur_c, cap, out)
     assert np.array_equal(out, 1 + _ref(s, cur_c, 1, cap))
     out = np.zeros(c)
-    fused.block_col_gains(s, cur_r, out)
+    fused.block_col_sums(s, cur_r, cur_r, 0, c, False, out)
     assert np.array_equal(out, _ref(s, cur_r[:, None], 0))
     # the transposed block (columns x candidates, padded): candidates [c0, c1), rows < len(cur)
     st = np.ascontiguousarray(np.vstack([s, _grid(rng, (3, c))]).T)  # [c, r + 3]: padding rows of s

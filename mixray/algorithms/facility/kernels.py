@@ -42,6 +42,11 @@ def _round_up_ladder(n: int) -> int:
     return -(-n // step) * step
 
 
+def _zero_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``x`` [m, d] padded with zero rows to [n, d] (``x`` itself when ``n == m``)."""
+    return x if n == x.shape[0] else torch.cat([x, x.new_zeros(n - x.shape[0], x.shape[1])])
+
+
 def qsims(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Quantised similarities ``floor(a @ b.T)`` ([r, d] x [c, d] -> [r, c], integer-valued float32).
 
@@ -62,10 +67,7 @@ def qsims(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     rp, cp = pad(r), pad(c)
     if packs and rp <= SKINNY and rp < cp:
         return qsims_transposed(a, b).T[:r, :c].contiguous()
-    if rp != r:
-        a = torch.cat([a, a.new_zeros(rp - r, a.shape[1])])
-    if cp != c:
-        b = torch.cat([b, b.new_zeros(cp - c, b.shape[1])])
+    a, b = _zero_rows(a, rp), _zero_rows(b, cp)
     if cp > COL_BLOCK and packs:
         # oneDNN packs its right factor: blocks of columns keep that copy at 6 MB, not 4·c·d
         # bytes for two large factors; entries unchanged
@@ -86,10 +88,7 @@ def qsims_transposed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     to take few rows ``a`` against many columns ``b``; entries bit-identical to :func:`qsims`."""
     r, c = a.shape[0], b.shape[0]
     rp, cp = _round_up_ladder(r), _round_up_ladder(c)
-    if rp != r:
-        a = torch.cat([a, a.new_zeros(rp - r, a.shape[1])])
-    if cp != c:
-        b = torch.cat([b, b.new_zeros(cp - c, b.shape[1])])
+    a, b = _zero_rows(a, rp), _zero_rows(b, cp)
     return RightProduct(a)(b).floor_()
 
 
@@ -136,7 +135,8 @@ def _fused_gain_sums(s: torch.Tensor, cur: torch.Tensor, dim: int,
         cap_v = cap.reshape(-1).to(torch.float32).contiguous()
         fused.block_row_drops(s.numpy(), cur_v.numpy(), cap_v.numpy(), out.numpy())
     elif cap is None:
-        fused.block_col_gains(s.numpy(), cur_v.numpy(), out.numpy())
+        fused.block_col_sums(s.numpy(), cur_v.numpy(), cur_v.numpy(), 0, s.shape[1], False,
+                             out.numpy())
     else:
         raise ValueError("a cap is only supported along dim=1")
     return out
