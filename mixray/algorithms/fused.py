@@ -44,6 +44,10 @@ def _can_cache() -> bool:
 # Reassociation only (what vectorises the sums; exact here): not the no-inf/no-nan flags,
 # under which a comparison with inf would be undefined.
 _JIT = {"cache": _can_cache(), "nogil": True, "fastmath": {"reassoc", "nsz"}}
+# KMeans's int8 screen also lets LLVM turn its minima into vector min instructions (no NaN
+# reaches it: the points and centres are checked finite) and fuse multiply-adds: its error
+# bound covers any rounding order.
+_JIT_SCREEN = {**_JIT, "fastmath": {"reassoc", "nsz", "nnan", "contract"}}
 
 
 class kernel_threads:
@@ -342,3 +346,157 @@ def gathered_sq_dist(X, C, rows, lab, out):  # pragma: no cover - compiled
             t = x[j] - c[j]
             acc += t * t
         out[i] = acc
+
+
+@njit(**_JIT_SCREEN)
+def screen_nearest(Q, rows, X, C, c_sq, c_scale, x_sq, x_scale, x_qn, x_rn, bound_c, tau_coef,
+                   labels, upper, lower, ok):  # pragma: no cover - compiled
+    """KMeans's nearest centre from int8 products, certified against the float32 E-step.
+
+    For the points ``rows [m]`` (indices into the ``[n]`` arrays and ``X [n, d]``) and the
+    centres ``C [k, d]`` (float32): ``Q [m, k] int32`` are the exact products of their int8
+    quantisations (:func:`mixray.algorithms.gemm.quantize_rows`: scales ``x_scale [n]``,
+    ``c_scale [k]``; norms ``x_qn = ‖x̃‖``, ``x_rn = ‖x − x̃‖``), so
+
+        D̃_ij = ‖c_j‖² − 2·s_i·s_j·Q_ij  estimates  D_ij = ‖c_j‖² − 2·x_i·c_j
+
+    within ``e_i = 2·(‖x̃‖·R + ‖r_x‖·(M + R))·(1 + 1e-5) + 4ε·(max‖c‖² + 2·‖x̃‖·M)``
+    (Cauchy–Schwarz on the residuals, ``bound_c = (M, R, max‖c‖²)`` with ``M = max_j ‖c̃_j‖``,
+    ``R = max_j ‖c_j − c̃_j‖``; the 4ε term covers evaluating ``D̃`` in float32). The float32
+    E-step's error allowance is ``τ_i = tau_coef·(‖x_i‖² + max‖c‖²)`` (twice its error).
+
+    Candidates: ``S_i = {j : D̃_ij ≤ min_j D̃_ij + 2e_i + τ_i}``; no other centre can be the
+    float32 E-step's argmin. Their squared distances come from differences (float64 sums);
+    the nearest (first on ties) is certified when the runner-up is more than ``τ_i``
+    farther: then ``labels[r]`` is set, ``upper[r] = ‖x − c_l‖`` and ``lower[r]`` = the
+    runner-up's distance or ``√(‖x‖² + min_{j ∉ S} D̃_ij − e_i)``, whichever is smaller
+    (inf when ``k = 1``), and ``ok[i]`` is true. Otherwise (a near tie: the float32
+    E-step's rounding decides) nothing is written and ``ok[i]`` is false: the caller
+    recomputes that row in float32. Returns how many certified labels changed. Serial
+    (called from KMeans's row workers).
+    """
+    m, k = Q.shape
+    D = np.empty(k, np.float32)
+    Di = D.view(np.int32)  # the same bits: minima over order-preserving int keys vectorise
+    one = np.empty(1, np.float32)  # float <-> bits
+    one_i = one.view(np.int32)
+    cand = np.empty(k, np.int64)
+    big = np.int32(0x7FFFFFFF)
+    eps = np.float64(np.finfo(np.float32).eps)
+    cm, cr, csq_max = bound_c[0], bound_c[1], bound_c[2]
+    changed = 0
+    for i in range(m):
+        r = rows[i]
+        qn = np.float64(x_qn[r])
+        err = 2.0 * (qn * cr + np.float64(x_rn[r]) * (cm + cr)) * (1.0 + 1e-5) + 4.0 * eps * (csq_max + 2.0 * qn * cm)
+        tau = tau_coef * (np.float64(x_sq[r]) + csq_max)
+        ai = np.float32(-2.0) * x_scale[r]
+        for j in range(k):
+            D[j] = c_sq[j] + (ai * c_scale[j]) * np.float32(Q[i, j])
+        bk = big
+        for j in range(k):
+            bk = min(bk, _key(Di[j]))
+        one_i[0] = _key(bk)  # the key map is its own inverse
+        best = np.float64(one[0])
+        # the threshold, with room for its own rounding to float32
+        one[0] = np.float32(best + (2.0 * err + tau) * (1.0 + 1e-6) + 2.0 * eps * abs(best))
+        nc, out_min = _candidates(Di, _key(one_i[0]), cand, one, one_i)
+        arg, b1, b2 = _nearest_of(X[r], C, cand, nc)
+        ok[i] = nc == 1 or b2 - b1 > tau
+        if ok[i]:
+            changed += labels[r] != arg
+            labels[r] = arg
+            upper[r] = np.sqrt(b1)
+            lower[r] = np.sqrt(max(0.0, min(b2, out_min - err + np.float64(x_sq[r]))))
+    return changed
+
+
+@njit(inline="always", **_JIT_SCREEN)
+def _key(b):  # pragma: no cover - compiled
+    """Float32 bits -> an int32 that orders like the floats (no NaN); its own inverse."""
+    return b ^ ((b >> 31) & np.int32(0x7FFFFFFF))
+
+
+@njit(**_JIT_SCREEN)
+def _candidates(Di, tk, cand, one, one_i):  # pragma: no cover - compiled
+    """``screen_nearest``'s candidates: the ``j`` with ``key(D_j) ≤ tk`` into ``cand``
+    (ascending), and the smallest ``D_j`` of the others (inf if none) -> ``(nc, out_min)``.
+    One branch-free pass counts them and keeps the first and the last; only rows with more
+    than two scan again, between those."""
+    k = Di.shape[0]
+    big = np.int32(0x7FFFFFFF)
+    nc = np.int32(0)
+    first = big
+    last = np.int32(-1)
+    out_key = big
+    for j in range(k):
+        key = _key(Di[j])
+        inside = key <= tk
+        nc += np.int32(inside)
+        first = min(first, np.int32(j) if inside else big)
+        last = max(last, np.int32(j) if inside else np.int32(-1))
+        out_key = min(out_key, big if inside else key)
+    out_min = np.inf  # every centre is a candidate (or k = 1)
+    if out_key != big:
+        one_i[0] = _key(out_key)
+        out_min = np.float64(one[0])
+    cand[0] = first
+    cand[1] = last
+    if nc > 2:
+        nc = 0
+        for j in range(first, last + 1):
+            if _key(Di[j]) <= tk:
+                cand[nc] = j
+                nc += 1
+    return nc, out_min
+
+
+@njit(**_JIT_SCREEN)
+def _nearest_of(x, C, cand, nc):  # pragma: no cover - compiled
+    """The nearest of the centres ``cand[:nc]`` to ``x`` from differences (float64 sums):
+    ``(its index, its squared distance, the runner-up's)``; ties to the first."""
+    b1 = np.inf
+    b2 = np.inf
+    arg = cand[0]
+    for t in range(nc):
+        c = C[cand[t]]
+        acc = 0.0
+        for f in range(x.shape[0]):
+            diff = np.float64(x[f]) - np.float64(c[f])
+            acc += diff * diff
+        if acc < b1:
+            b2 = b1
+            b1 = acc
+            arg = cand[t]
+        elif acc < b2:
+            b2 = acc
+    return arg, b1, b2
+
+
+@njit(**_JIT)
+def quantize_rows(a, q, scale, q_sq, res_sq):  # pragma: no cover - compiled
+    """Per row of ``a [m, d]`` float32: ``scale[i] = max_j |a_ij| / 127`` (1 for a zero row),
+    ``q[i] = round(a[i] / scale[i])`` in −127..127 (int8, half to even), and in float64
+    ``q_sq[i] = ‖scale_i·q_i‖²``, ``res_sq[i] = ‖a_i − scale_i·q_i‖²`` (``scale·q`` is exact
+    in float64: 24 × 8 bits). One pass over ``a`` per row instead of torch's eight.
+    Serial."""
+    m, d = a.shape
+    for i in range(m):
+        amax = np.float32(0.0)
+        for j in range(d):
+            amax = max(amax, abs(a[i, j]))
+        s = amax / np.float32(127.0) if amax > 0 else np.float32(1.0)
+        s64 = np.float64(s)
+        qq = 0.0
+        rr = 0.0
+        for j in range(d):
+            v = np.round(a[i, j] / s)
+            v = min(max(v, np.float32(-127.0)), np.float32(127.0))
+            q[i, j] = np.int8(v)
+            approx = np.float64(v) * s64
+            r = np.float64(a[i, j]) - approx
+            qq += approx * approx
+            rr += r * r
+        scale[i] = s
+        q_sq[i] = qq
+        res_sq[i] = rr

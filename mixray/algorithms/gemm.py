@@ -22,6 +22,17 @@ left factors. The backend is :func:`cpu_backend`, one per process:
 ``MIXRAY_CPU_GEMM=blas|onednn|auto`` (default ``auto``) overrides the choice. Choosing
 oneDNN also caps its per-shape caches (:func:`_limit_onednn_caches`) unless set already.
 
+Int8 screening products (:func:`quantize_rows`, :func:`int8_products`): ``a ≈ s_a·q_a``
+with one scale per row and ``q`` in int8, so ``a·b ≈ s_a·s_b·(q_a·q_b)`` where the
+integer product is exact (int32 accumulation, ``torch._int_mm``: oneDNN's VNNI kernels).
+With the residuals ``r = a − s·q`` kept as norms, Cauchy–Schwarz bounds the error of
+every entry: ``|a·b − s_a s_b q_a·q_b| ≤ ‖ã‖‖r_b‖ + ‖r_a‖‖b̃‖ + ‖r_a‖‖r_b‖``
+(``ã = s_a·q_a``). KMeans screens its E-step with it (:mod:`mixray.algorithms.kmeans`):
+on the Zen 4 host one core did 50K×384 by 384×1000 in 0.093 s int8 against 0.39 s
+float32. :func:`int8_screening` says whether this process uses it: CPUs with VNNI
+(``avx512_vnni``, ``avx_vnni`` or ``amx_int8`` in ``/proc/cpuinfo``), overridden by
+``MIXRAY_INT8=on|off|auto``.
+
 Both are plain float32 arithmetic (no bfloat16 or TF32 inside), so errors are
 those of a float32 dot product of length ``d``; the rounding differs between the
 two (sums in another order), so results are bit-identical within one backend and
@@ -35,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -76,6 +88,72 @@ def cpu_backend() -> str:
         _limit_onednn_caches()
         return "onednn"
     return "blas"
+
+
+def _cpu_flags() -> set[str]:
+    """The ``flags`` of the first CPU in ``/proc/cpuinfo`` (empty when unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+INT8_ENV = "MIXRAY_INT8"
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+@functools.cache
+def int8_screening() -> bool:
+    """Whether this process screens with int8 products (module docstring): ``MIXRAY_INT8``
+    ``on``/``off``, or ``auto`` (default): when the CPU has VNNI and torch has ``_int_mm``."""
+    asked = os.environ.get(INT8_ENV, "auto").strip().lower() or "auto"
+    if asked not in ("on", "off", "auto"):
+        raise ValueError(f"{INT8_ENV}={asked!r}: expected one of on, off, auto")
+    if asked == "off" or not hasattr(torch, "_int_mm"):
+        return False
+    return asked == "on" or bool(_cpu_flags() & VNNI_FLAGS)
+
+
+@dataclass
+class QuantizedRows:
+    """``a [m, d] ≈ scale[:, None]·q``: ``q [m, d] int8`` in −127..127, ``scale [m]``,
+    and the norms the error bound needs, rounded up: ``q_norm [m] ≥ ‖scale·q‖``,
+    ``res_norm [m] ≥ ‖a − scale·q‖`` (float32)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    q_norm: torch.Tensor
+    res_norm: torch.Tensor
+
+
+NORM_ROUND_UP = 1.0 + 1e-6  # float64 norms -> float32, never below the exact value
+
+
+def quantize_rows(a: torch.Tensor) -> QuantizedRows:
+    """Symmetric per-row int8 quantisation of a float32 ``a [m, d]`` (CPU):
+    ``scale_i = max_j |a_ij| / 127`` (1 for a zero row), ``q = round(a / scale)``
+    (:func:`mixray.algorithms.fused.quantize_rows`, one pass). The products ``scale·q``
+    are exact in float64, so the residual norms are the residuals' own up to float64
+    rounding (covered by ``NORM_ROUND_UP``). Memory: ``q``, a quarter of ``a``."""
+    from mixray.algorithms import fused  # numba: imported when first needed
+
+    a = a.contiguous()
+    m = a.shape[0]
+    q = torch.empty(a.shape, dtype=torch.int8)
+    scale = torch.empty(m, dtype=torch.float32)
+    q_sq, res_sq = torch.empty(m, dtype=torch.float64), torch.empty(m, dtype=torch.float64)
+    fused.quantize_rows(a.numpy(), q.numpy(), scale.numpy(), q_sq.numpy(), res_sq.numpy())
+    return QuantizedRows(q, scale, (q_sq.sqrt_() * NORM_ROUND_UP).float(), (res_sq.sqrt_() * NORM_ROUND_UP).float())
+
+
+def int8_products(a_q: torch.Tensor, b_q_t: torch.Tensor) -> torch.Tensor:
+    """``a_q [m, d] int8 @ b_q_t [d, n] int8 -> [m, n] int32``, exact (``torch._int_mm``;
+    ``b_q_t`` may be the transposed view of a row-major ``[n, d]``)."""
+    return torch._int_mm(a_q.contiguous(), b_q_t)
 
 
 ONEDNN_CACHE_CAPACITY = "16"

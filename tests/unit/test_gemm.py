@@ -129,3 +129,51 @@ def test_qsims_is_the_same_product_either_way_round(backend):
         assert torch.equal(qsims(b, a), s.T)
         if RightProduct.packs(X):  # the evaluations' transposed blocks, padding included
             assert torch.equal(qsims_transposed(a, b)[: len(b), :r], s.T)
+
+
+def test_quantized_rows_bound_every_product_and_the_integer_product_is_exact():
+    """The int8 screen's contract: ``a·b − s_a·s_b·(q_a·q_b)`` is within
+    ``‖ã‖‖r_b‖ + ‖r_a‖‖b̃‖ + ‖r_a‖‖r_b‖`` for every pair (rows of very different scales, a zero
+    row, an outlier entry), and ``int8_products`` is the exact integer product."""
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(60, 40, generator=g) * torch.logspace(-3, 3, 60)[:, None]
+    a[7] = 0.0
+    a[8, 3] = 1e4  # one large entry: a coarse scale for that row, still bounded
+    b = torch.randn(30, 40, generator=g) * 5
+    qa, qb = gemm.quantize_rows(a), gemm.quantize_rows(b)
+    assert qa.q.dtype == torch.int8 and int(qa.q.abs().max()) == 127
+    assert qa.scale[7] == 1.0 and not qa.q[7].any() and qa.q_norm[7] == 0 and qa.res_norm[7] == 0
+    approx = (qa.scale.double()[:, None] * qa.q.double(), qb.scale.double()[:, None] * qb.q.double())
+    assert (qa.q_norm.double() >= approx[0].norm(dim=1)).all()
+    assert (qa.res_norm.double() >= (a.double() - approx[0]).norm(dim=1)).all()
+    Q = gemm.int8_products(qa.q, qb.q.T)
+    assert Q.dtype == torch.int32 and torch.equal(Q.long(), qa.q.long() @ qb.q.long().T)
+    err = (a.double() @ b.double().T - qa.scale.double()[:, None] * qb.scale.double()[None, :] * Q.double()).abs()
+    qn, rn, qbn, rbn = (t.double() for t in (qa.q_norm, qa.res_norm, qb.q_norm, qb.res_norm))
+    bound = qn[:, None] * rbn[None, :] + rn[:, None] * qbn[None, :] + rn[:, None] * rbn[None, :]
+    assert (err <= bound).all()
+    assert (err[:, :].sum() > 0) and (bound < 0.05 * qn[:, None] * qbn[None, :] + 1e-12).all()  # and it is tight
+
+
+def test_int8_screening_follows_the_cpu_flags_and_the_override(monkeypatch):
+    gemm.int8_screening.cache_clear()
+    try:
+        monkeypatch.setenv(gemm.INT8_ENV, "auto")
+        monkeypatch.setattr(gemm, "_cpu_flags", lambda: {"avx2", "avx512f"})
+        assert not gemm.int8_screening()  # no VNNI: oneDNN's int8 would not pay
+        gemm.int8_screening.cache_clear()
+        monkeypatch.setattr(gemm, "_cpu_flags", lambda: {"avx2", "avx512_vnni"})
+        assert gemm.int8_screening()
+        gemm.int8_screening.cache_clear()
+        monkeypatch.setenv(gemm.INT8_ENV, "off")
+        assert not gemm.int8_screening()
+        gemm.int8_screening.cache_clear()
+        monkeypatch.setattr(gemm, "_cpu_flags", lambda: set())
+        monkeypatch.setenv(gemm.INT8_ENV, "on")
+        assert gemm.int8_screening()
+        gemm.int8_screening.cache_clear()
+        monkeypatch.setenv(gemm.INT8_ENV, "yes")
+        with pytest.raises(ValueError, match="MIXRAY_INT8='yes'"):
+            gemm.int8_screening()
+    finally:
+        gemm.int8_screening.cache_clear()

@@ -119,15 +119,18 @@ def test_assign_two_gives_the_two_nearest(block):
     assert torch.isinf(assign_two(X, C[:1])[2]).all()  # one centre: no second
 
 
-@pytest.mark.parametrize("dtype,workers", [(torch.float64, 1), (torch.float32, 3)])
-def test_pruned_lloyd_is_plain_lloyd(dtype, workers):
-    """The Hamerly bounds skip most distance computations and change nothing: the same
-    labels at every step, the same centres, iterations and inertia."""
+@pytest.mark.parametrize("dtype,workers,screen", [(torch.float64, 1, False), (torch.float32, 3, False),
+                                                  (torch.float32, 3, True)])
+def test_pruned_lloyd_is_plain_lloyd(dtype, workers, screen):
+    """The Hamerly bounds (and the int8 screen) skip most distance computations and change
+    nothing: the same labels at every step, the same centres, iterations and inertia."""
     rng = np.random.default_rng(3)
     X = torch.from_numpy(blobs(n=6000, d=16, k=30, seed=3)).to(dtype)
     X = X - X.mean(0)
     C0 = X[torch.from_numpy(rng.choice(len(X), 30, replace=False))].clone()
-    pruned, plain = LocalShards(X, workers=workers), LocalShards(X, workers=workers, prune=False)
+    pruned = LocalShards(X, workers=workers, screen=screen)
+    plain = LocalShards(X, workers=workers, prune=False)
+    assert pruned.screen == screen
     C_p, C_f = C0.clone(), C0.clone()
     for _ in range(6):  # step by step: identical labels and sums after every E-step
         s_p, n_p, ch_p = pruned.step(C_p)
@@ -136,12 +139,61 @@ def test_pruned_lloyd_is_plain_lloyd(dtype, workers):
         assert torch.equal(s_p, s_f)
         C_p, C_f = update_centres(s_p, n_p, C_p), update_centres(s_f, n_f, C_f)
     assert pruned.skipped > 2 * len(X) and plain.skipped == 0
+    assert (pruned.screened > len(X)) == screen and plain.screened == 0
     torch.testing.assert_close(pruned.min_sq, plain.min_sq, rtol=1e-4, atol=1e-3)
-    a = run_lloyd(LocalShards(X, workers=workers), C0.clone(), max_iter=100, tol=0.0)
+    a = run_lloyd(LocalShards(X, workers=workers, screen=screen), C0.clone(), max_iter=100, tol=0.0)
     b = run_lloyd(LocalShards(X, workers=workers, prune=False), C0.clone(), max_iter=100, tol=0.0)
     assert (a.n_iter, a.converged) == (b.n_iter, b.converged) and torch.equal(a.centres, b.centres)
     assert a.inertia == pytest.approx(b.inertia, rel=1e-6)
     assert a.inertia == pytest.approx(inertia(X, a.centres, assign(X, a.centres)[0]), rel=1e-9)
+
+
+def spread_blobs(n, d, k, spread, seed):
+    """float32 points around ``k`` Gaussian centres of scale ``spread`` (as the KMeans benchmark
+    draws them: 10 separates the clusters, 2 overlaps them), centred, and ``k`` rows as init."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((k, d)).astype(np.float32) * spread
+    X = torch.from_numpy(centres[rng.integers(k, size=n)] + rng.standard_normal((n, d)).astype(np.float32))
+    X = X - X.mean(0)
+    return X, X[torch.from_numpy(rng.choice(n, size=k, replace=False))].clone()
+
+
+@pytest.mark.parametrize("spread,workers", [(2.0, 1), (10.0, 2)])
+def test_int8_screen_gives_the_float32_labels_and_valid_bounds(spread, workers):
+    """Step by step, the screened E-step's labels, counts and sums are the float32 E-step's;
+    its Hamerly bounds hold: ``upper`` at least the distance to the own centre, ``lower`` at
+    most the distance to the second nearest (float64 distances), up to the float32 E-step's
+    error allowance ``τ`` (the rows left to it have its rounding)."""
+    X, C = spread_blobs(4000, 96, 60, spread, seed=11)
+    screened = LocalShards(X, workers=workers, screen=True)
+    plain = LocalShards(X, workers=workers, prune=False)
+    for _ in range(4):
+        s_s, n_s, ch_s = screened.step(C)
+        s_p, n_p, ch_p = plain.step(C)
+        assert torch.equal(screened.labels, plain.labels) and torch.equal(n_s, n_p) and ch_s == ch_p
+        assert torch.equal(s_s, s_p)
+        D = (X.double()[:, None] - C.double()[None]).pow(2).sum(-1).sqrt()
+        two = D.topk(2, dim=1, largest=False).values ** 2
+        tau = (X.double().pow(2).sum(1) + C.double().pow(2).sum(1).max()) * screened._tau_coef
+        assert (screened.upper.double() ** 2 >= D.gather(1, screened.labels[:, None])[:, 0] ** 2 - tau).all()
+        assert (screened.lower.double() ** 2 <= two[:, 1] + tau).all()
+        C = update_centres(s_s, n_s, C)
+    assert screened.screened > 0 and plain.screened == 0
+
+
+def test_int8_screen_leaves_near_ties_to_float32():
+    """Two identical centres tie for every point near them: the screen cannot certify
+    either, the float32 E-step decides (the lower index, as ``assign``), and one centre
+    (k = 1) is certified everywhere with an infinite lower bound."""
+    X, C = spread_blobs(2000, 32, 20, 10.0, seed=12)
+    C[5] = C[4]
+    screened = LocalShards(X, workers=1, screen=True)
+    screened.step(C)
+    assert torch.equal(screened.labels, assign(X, C)[0]) and not (screened.labels == 5).any()
+    assert screened.rechecked >= int((screened.labels == 4).sum()) > 0
+    one = LocalShards(X, workers=1, screen=True)
+    one.step(C[:1])
+    assert (one.labels == 0).all() and one.rechecked == 0 and torch.isinf(one.lower).all()
 
 
 def test_threaded_shard_equals_one_thread():
