@@ -91,7 +91,8 @@ BLOCK_ELEMENTS = {"cpu": 1 << 17, "cuda": 1 << 24}
 DEFAULT_CENTRE_BLOCK = 4096
 DENSE_FRACTION = 0.5  # pruning: above this share of rows in doubt, compute every row (no gathers)
 MIN_PRODUCT_ROWS = 16  # LocalShards: gathered float32 rows are padded to this many (see _float32)
-SCREEN_ROWS = 1024  # LocalShards: rows per int8 screen block (an int32 [1024, k] product)
+SCREEN_ELEMENTS = 1 << 20  # LocalShards: the int8 screen's int32 products per block (4 MB):
+SCREEN_ROWS = 1024  # 1024 rows at k = 1,000, fewer for larger k (at least MIN_PRODUCT_ROWS)
 PARALLEL_MIN_ROWS = 1 << 15  # LocalShards: below this, one thread (torch's own parallelism)
 
 
@@ -538,7 +539,9 @@ class LocalShards:
         changed, skipped = 0, 0
         # the screen's int32 products stream through its kernel row by row: bigger blocks,
         # fewer calls; the rows it leaves to float32 are done together at the end
-        rows = SCREEN_ROWS if self._screen_c is not None else self._rows(k)
+        rows = self._rows(k)
+        if self._screen_c is not None:
+            rows = max(MIN_PRODUCT_ROWS, min(SCREEN_ROWS, SCREEN_ELEMENTS // k))
         pending: list[torch.Tensor] = []
         # the rows in doubt; None = all of them (first step, no pruning, or most rows)
         todo = None if moved is None else self._unsettled(lo, hi, centres, moved)
