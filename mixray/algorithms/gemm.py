@@ -54,16 +54,21 @@ BACKENDS = ("blas", "onednn")
 ENV = "MIXRAY_CPU_GEMM"
 
 
-def _cpu_vendor() -> str:
-    """``vendor_id`` of ``/proc/cpuinfo`` (``GenuineIntel``, ``AuthenticAMD`` …), or ''."""
+def _cpuinfo(field: str) -> str:
+    """The value of ``field`` for the first CPU in ``/proc/cpuinfo``, or '' (unreadable, absent)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def _cpu_vendor() -> str:
+    """``vendor_id`` of ``/proc/cpuinfo`` (``GenuineIntel``, ``AuthenticAMD`` …), or ''."""
+    return _cpuinfo("vendor_id")
 
 
 def _onednn_ops() -> bool:
@@ -92,14 +97,7 @@ def cpu_backend() -> str:
 
 def _cpu_flags() -> set[str]:
     """The ``flags`` of the first CPU in ``/proc/cpuinfo`` (empty when unreadable)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set(_cpuinfo("flags").split())
 
 
 INT8_ENV = "MIXRAY_INT8"

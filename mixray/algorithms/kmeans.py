@@ -166,18 +166,14 @@ def centre_products(C: torch.Tensor, c_sq: torch.Tensor | None = None,
 @dataclass
 class ScreenCentres:
     """One step's centres for the int8 screen (``LocalShards``): ``quantize_rows(C)`` as
-    ``q_t [d, k]`` and ``scale [k]``, ``c_sq [k]`` (the float32 E-step's ``‖c‖²``), and the
-    maxima the error bound takes: ``q_norm = max ‖c̃_j‖``, ``res_norm = max ‖c_j − c̃_j‖``,
-    ``c_sq_max = max ‖c_j‖²``."""
+    ``q_t [d, k]`` and ``scale [k]``, ``c_sq [k]`` (the float32 E-step's ``‖c‖²``), and
+    ``bound_c``, the maxima the error bound takes (float64, the kernel's argument):
+    ``max ‖c̃_j‖``, ``max ‖c_j − c̃_j‖``, ``max ‖c_j‖²``."""
 
     q_t: torch.Tensor
     scale: torch.Tensor
     c_sq: torch.Tensor
-    bound_c: np.ndarray  # float64 (q_norm, res_norm, c_sq_max): the kernel's argument
-
-    @property
-    def c_sq_max(self) -> float:
-        return float(self.bound_c[2])
+    bound_c: np.ndarray
 
     @classmethod
     def of(cls, C: torch.Tensor, c_sq: torch.Tensor) -> ScreenCentres:
