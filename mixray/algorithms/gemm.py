@@ -81,12 +81,18 @@ def _onednn_ops() -> bool:
         return False
 
 
+def _asked(var: str, choices: tuple[str, ...]) -> str:
+    """The environment variable ``var`` (default ``auto``), one of ``choices`` (ValueError otherwise)."""
+    asked = os.environ.get(var, "auto").strip().lower() or "auto"
+    if asked not in choices:
+        raise ValueError(f"{var}={asked!r}: expected one of {', '.join(choices)}")
+    return asked
+
+
 @functools.cache
 def cpu_backend() -> str:
     """The float32 CPU backend of this process: ``"blas"`` or ``"onednn"`` (module docstring)."""
-    asked = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if asked not in (*BACKENDS, "auto"):
-        raise ValueError(f"{ENV}={asked!r}: expected one of blas, onednn, auto")
+    asked = _asked(ENV, (*BACKENDS, "auto"))
     if asked == "blas" or not _onednn_ops():
         return "blas"
     if asked == "onednn" or _cpu_vendor() not in ("GenuineIntel", ""):
@@ -108,9 +114,7 @@ VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 def int8_screening() -> bool:
     """Whether this process screens with int8 products (module docstring): ``MIXRAY_INT8``
     ``on``/``off``, or ``auto`` (default): when the CPU has VNNI and torch has ``_int_mm``."""
-    asked = os.environ.get(INT8_ENV, "auto").strip().lower() or "auto"
-    if asked not in ("on", "off", "auto"):
-        raise ValueError(f"{INT8_ENV}={asked!r}: expected one of on, off, auto")
+    asked = _asked(INT8_ENV, ("on", "off", "auto"))
     if asked == "off" or not hasattr(torch, "_int_mm"):
         return False
     return asked == "on" or bool(_cpu_flags() & VNNI_FLAGS)

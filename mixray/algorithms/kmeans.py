@@ -455,7 +455,7 @@ class LocalShards:
         return max(256, budget // max(1, min(k, self.centre_block)))
 
     def _full(self, rows: torch.Tensor | slice, centres: torch.Tensor, products: list,
-              pending: list | None = None) -> int:
+              pending: list) -> int:
         """Every distance of ``rows`` (a slice, or global indices): new labels and exact
         bounds; returns how many labels changed. ``pending``: see ``_screened``."""
         if self._screen_c is not None:
@@ -463,9 +463,9 @@ class LocalShards:
         return self._float32(rows, centres, products)
 
     def _screened(self, rows: torch.Tensor | slice, centres: torch.Tensor, products: list,
-                  pending: list | None = None) -> int:
-        """``_full`` by the int8 screen (module docstring). The rows it cannot certify go to
-        ``_float32``, or into ``pending`` when given (the caller batches them)."""
+                  pending: list) -> int:
+        """``_full`` by the int8 screen (module docstring). The rows it cannot certify are
+        appended to ``pending``: the caller gives them to ``_float32`` together."""
         idx = torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
         sc, xq = self._screen_c, self._xq
         Q = int8_products(xq.q[rows], sc.q_t)  # a slice is a view: no gather
@@ -479,8 +479,6 @@ class LocalShards:
         if n_ok < len(idx):
             rest = idx[~ok]
             self.rechecked += len(rest)
-            if pending is None:
-                return changed + self._float32(rest, centres, products)
             pending.append(rest)
         return changed
 
