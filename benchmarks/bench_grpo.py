@@ -13,8 +13,13 @@ completion tokens) on the same cluster prompts, seed 0:
 (c) for information: 2 workers × 1 core under DeepSpeed ZeRO-2 (what ``configs/lmmixup.yaml``
     runs; 2 × 4 completions per step, so not the same work as (a)).
 
-Step time = the median of the per-step wall times after the first step (from the metrics
-callback: the time between two logged steps). Prints the ratio (b) / (a) (target ≤ 1.2×).
+Every completion is exactly ``--new-tokens`` long (``min_new_tokens``: sampling at temperature
+1 draws different texts in (a) and (b), whose lengths would otherwise differ), and the sampler's
+seed gives both runs the same prompts in the same order, so both do the same work step by step.
+Prompt lengths differ from step to step (576–1,987 characters), and so do step times. Time =
+the sum of the per-step wall times after the first step (from the metrics callback: the time
+between two logged steps); the median step is printed too. Prints the ratio (b) / (a) of the
+sums (target ≤ 1.2×).
 """
 
 from __future__ import annotations
@@ -67,7 +72,8 @@ def _config(tmp: Path, name: str, args, workers: int, zero: int | None) -> dict:
             "deepspeed": grpo_deepspeed_config(zero) if zero is not None else None,
             "threads": max(1, cores // workers), "knn_k": 16, "good_class": 4, "alignment_threshold": 0.8,
             "task": "qa", "reward_model": None, "reward_threshold": 0.0, "warmup_ratio": 0.0,
-            "max_grad_norm": 1.0, "repetition_penalty": 1.0}
+            "max_grad_norm": 1.0, "repetition_penalty": 1.0,
+            "generation_kwargs": {"min_new_tokens": args.new_tokens}}
 
 
 def _data(n: int):
@@ -79,19 +85,20 @@ def _data(n: int):
              "reference": "Q: " + p.split("Q: ", 2)[1][:300]} for p in prompts(n)]
 
 
-def _step_time(log_dir: str) -> tuple[float, float]:
-    """(median step time, median step time per completion token) over the steps after the first.
-
-    Sampling at temperature 1 makes completion lengths differ between two runs (different
-    random streams), so the per-token time is the like-for-like comparison."""
+def _step_time(log_dir: str) -> tuple[float, float, list[float]]:
+    """(sum, median, list) of the step times after the first, and a check that each completion
+    had its fixed length."""
     with open(Path(log_dir) / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     rows = rows[1:] if len(rows) > 1 else rows
-    per_token = [float(r["step_time_s"]) / max(1.0, float(r["completion_length"])) for r in rows]
-    return statistics.median(float(r["step_time_s"]) for r in rows), statistics.median(per_token)
+    times = [float(r["step_time_s"]) for r in rows]
+    lengths = {float(r["completion_length"]) for r in rows}
+    if len(lengths) != 1:
+        raise SystemExit(f"completion lengths differ between steps: {sorted(lengths)}")
+    return sum(times), statistics.median(times), times
 
 
-def alone(config: dict, rows: list[dict]) -> tuple[float, float]:
+def alone(config: dict, rows: list[dict]) -> tuple[float, float, list[float]]:
     import torch
     from datasets import Dataset
 
@@ -102,7 +109,8 @@ def alone(config: dict, rows: list[dict]) -> tuple[float, float]:
     return _step_time(config["log_dir"])
 
 
-def in_ray_train(config: dict, rows: list[dict], workers: int, tmp: Path, name: str) -> tuple[float, float]:
+def in_ray_train(config: dict, rows: list[dict], workers: int, tmp: Path,
+                 name: str) -> tuple[float, float, list[float]]:
     import pyarrow as pa
     import ray
 
@@ -138,14 +146,18 @@ def main() -> int:
         b = in_ray_train(_config(tmp, "ray1", args, 1, None), rows, 1, tmp, "ray1")
         c = None if args.no_zero2 else in_ray_train(_config(tmp, "ray2", args, 2, 2), rows, 2, tmp, "ray2")
         ray.shutdown()
-    print("| run | step time (s, median) | ratio | s per completion token (median) | ratio |")
-    print("|---|---:|---:|---:|---:|")
-    print(f"| TRL GRPOTrainer alone, one process | {a[0]:.2f} | 1.00× | {a[1]:.3f} | 1.00× |")
-    print(f"| inside Ray Train, 1 worker (same work) | {b[0]:.2f} | {b[0] / a[0]:.2f}× | {b[1]:.3f} "
-          f"| **{b[1] / a[1]:.2f}×** (target ≤ 1.2×) |")
+    print("| run | steps 2.. (s, sum) | ratio | step time (s, median) | ratio | steps (s) |")
+    print("|---|---:|---:|---:|---:|---|")
+
+    def line(name: str, r, target: bool = False) -> str:
+        ratio = f"**{r[0] / a[0]:.2f}×** (target ≤ 1.2×)" if target else f"{r[0] / a[0]:.2f}×"
+        return (f"| {name} | {r[0]:.1f} | {ratio} | {r[1]:.2f} | {r[1] / a[1]:.2f}× "
+                f"| {', '.join(f'{t:.1f}' for t in r[2])} |")
+
+    print(line("TRL GRPOTrainer alone, one process", a))
+    print(line("inside Ray Train, 1 worker (same work)", b, target=True))
     if c is not None:
-        print(f"| inside Ray Train, 2 workers × 1 core, ZeRO-2 (2× the completions) | {c[0]:.2f} "
-              f"| {c[0] / a[0]:.2f}× | {c[1]:.3f} | {c[1] / a[1]:.2f}× |")
+        print(line("inside Ray Train, 2 workers × 1 core, ZeRO-2 (2× the completions)", c))
     print(f"total {time.time() - t0:.0f} s; load average after: {os.getloadavg()[0]:.2f}")
     return 0
 

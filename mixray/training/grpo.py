@@ -15,7 +15,8 @@ so that the trainer runs undistributed, see ``_single_process``)::
     save the final model (Hugging Face format) to ``export_dir``
 
 Every setting arrives in ``config`` (``GRPO_KEYS``; optional ``precision``: ``bf16`` or
-``fp32``, the default), a plain dict; the DeepSpeed dict
+``fp32``, the default, and ``generation_kwargs``: extra ``GenerationConfig`` settings for the
+completions, e.g. ``{"min_new_tokens": n}``), a plain dict; the DeepSpeed dict
 has ``"auto"`` for batch sizes, precision and clipping, which the HF integration fills
 from the ``GRPOConfig``. With ``beta > 0`` TRL loads the reference model from the
 model *path* (never an in-memory model), as it must under ZeRO.
@@ -104,6 +105,7 @@ def grpo_args(config: dict[str, Any], world: int):
         report_to=[], deepspeed=config["deepspeed"], bf16=config.get("precision") == "bf16", fp16=False,
         use_cpu=not _cuda(), disable_tqdm=True, dataloader_num_workers=0,
         gradient_checkpointing=False, remove_unused_columns=False, log_completions=False,
+        generation_kwargs=config.get("generation_kwargs"),
     )
 
 

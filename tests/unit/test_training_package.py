@@ -276,3 +276,19 @@ def test_single_worker_grpo_hides_the_distributed_env_from_accelerate(monkeypatc
     assert {k: os.environ[k] for k in env} == env
     with _single_process(alone=False):  # several workers or DeepSpeed: untouched
         assert {k: os.environ[k] for k in env} == env
+
+
+def test_grpo_generation_kwargs_reach_the_generation_config(tmp_path):
+    """The optional ``generation_kwargs`` of the GRPO loop config go to TRL's GRPOConfig (and from
+    there into every completion's GenerationConfig); absent, TRL's defaults stay."""
+    from mixray.training.grpo import grpo_args
+
+    config = {"output_dir": str(tmp_path), "seed": 0, "lr": 1e-6, "per_device_batch_size": 4,
+              "grad_accum": 1, "max_steps": 2, "num_generations": 4, "temperature": 1.0,
+              "repetition_penalty": 1.0, "max_completion_length": 16, "beta": 0.0, "epsilon": 0.2,
+              "epsilon_high": 0.3, "loss_type": "dapo", "aggregation": "sum_then_normalize",
+              "reward_weights": [0.5, 0.4, 0.1], "warmup_ratio": 0.0, "max_grad_norm": 1.0,
+              "save_steps": 10, "deepspeed": None}
+    assert grpo_args(config, 1).generation_kwargs is None
+    args = grpo_args(config | {"generation_kwargs": {"min_new_tokens": 16}}, 1)
+    assert args.generation_kwargs == {"min_new_tokens": 16}
