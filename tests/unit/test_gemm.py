@@ -152,7 +152,7 @@ def test_quantized_rows_bound_every_product_and_the_integer_product_is_exact():
     qn, rn, qbn, rbn = (t.double() for t in (qa.q_norm, qa.res_norm, qb.q_norm, qb.res_norm))
     bound = qn[:, None] * rbn[None, :] + rn[:, None] * qbn[None, :] + rn[:, None] * rbn[None, :]
     assert (err <= bound).all()
-    assert (err[:, :].sum() > 0) and (bound < 0.05 * qn[:, None] * qbn[None, :] + 1e-12).all()  # and it is tight
+    assert (err.sum() > 0) and (bound < 0.05 * qn[:, None] * qbn[None, :] + 1e-12).all()  # and it is tight
 
 
 def test_int8_screening_follows_the_cpu_flags_and_the_override(monkeypatch):

@@ -137,11 +137,14 @@ class ColumnShard:
         1/VIEW_FILL times over). Products over it stream contiguous rows instead of
         gathering the uncovered columns on every evaluation — 2–3x faster for the
         skinny products of late and stochastic steps; sims and gains are bit-identical
-        (padded products, integer sums). The copy costs at most VIEW_FILL·n·d floats.
+        (padded products, integer sums). The copy costs at most VIEW_FILL·n·d floats (the old
+        copy is released before the new one is gathered).
         """
         width = self.n if self._view is None else len(self._view[1])
         if n_unc < VIEW_FILL * width:
             ids = self._uncovered()
+            self._view = None  # gathered from xc: drop the old copy first (no two at once)
+            trim_heap()  # and the blocks that the products' worker threads freed since
             self._view = (self.xc[ids].contiguous(), ids)
             self.stats["view_gathers"] += 1
         if self._view is None:
