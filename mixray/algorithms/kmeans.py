@@ -533,9 +533,10 @@ class LocalShards:
         changed, skipped = 0, 0
         # the screen's int32 products stream through its kernel row by row: bigger blocks,
         # fewer calls; the rows it leaves to float32 are done together at the end
-        rows = self._rows(k)
         if self._screen_c is not None:
             rows = max(MIN_PRODUCT_ROWS, min(SCREEN_ROWS, SCREEN_ELEMENTS // k))
+        else:
+            rows = self._rows(k)
         pending: list[torch.Tensor] = []
         # the rows in doubt; None = all of them (first step, no pruning, or most rows)
         todo = None if moved is None else self._unsettled(lo, hi, centres, moved)
