@@ -64,7 +64,7 @@ bench-grpo: $(VENV)/.mixray-bench
 	$(BIN)/python benchmarks/bench_grpo.py
 
 # Every benchmark, one after the other, into one report: benchmarks/results.md + results.json
-# (about 1.25 hours on 2 cores; run on a quiet machine). HOG=8 adds selection under 8 CPU hogs.
+# (about 1.5 hours on 2 cores; run on a quiet machine). HOG=8 adds selection under 8 CPU hogs (~30 min).
 HOG ?= 0
 bench: $(VENV)/.mixray-bench
 	$(BIN)/python benchmarks/report.py --hog $(HOG)

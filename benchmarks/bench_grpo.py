@@ -19,7 +19,9 @@ seed gives both runs the same prompts in the same order, so both do the same wor
 Prompt lengths differ from step to step (576–1,987 characters), and so do step times. Time =
 the sum of the per-step wall times after the first step (from the metrics callback: the time
 between two logged steps); the median step is printed too. Prints the ratio (b) / (a) of the
-sums (target ≤ 1.2×).
+sums (target ≤ 1.2×). ``--rounds R`` runs (a) and (b) R times, (b) first in every other round
+(Ray is started only for (b)), and reports the median of the R rounds' ratios: this host's speed
+drifts by up to ~25% within the hour, which one pair of runs cannot separate from Ray's cost.
 """
 
 from __future__ import annotations
@@ -124,10 +126,34 @@ def in_ray_train(config: dict, rows: list[dict], workers: int, tmp: Path,
     return _step_time(config["log_dir"])
 
 
+def _round(tmp: Path, args, rows: list[dict], rnd: int) -> tuple:
+    """One round: (a) then (b), or (b) then (a) in odd rounds; Ray runs only during (b)."""
+    import ray
+
+    def a():
+        return alone(_config(tmp, f"alone{rnd}", args, 1, None), rows)
+
+    def b():
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        try:
+            return in_ray_train(_config(tmp, f"ray{rnd}", args, 1, None), rows, 1, tmp, f"ray{rnd}")
+        finally:
+            ray.shutdown()
+
+    if rnd % 2 == 0:
+        ra = a()
+        return ra, b()
+    rb = b()
+    return a(), rb
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="rounds of (a) and (b), the order alternating; the ratio is the median "
+                         "of the rounds' ratios")
     ap.add_argument("--no-zero2", action="store_true", help="skip (c)")
     args = ap.parse_args()
     import ray
@@ -139,25 +165,33 @@ def main() -> int:
         _library(tmp / "library.npz", resolve_model("all-MiniLM-L6-v2"))
         rows = _data(8)
         print(f"{args.steps} GRPO steps, G=4, 4 completions/step/worker, {args.new_tokens} new tokens, "
-              f"load average {os.getloadavg()[0]:.2f}")
+              f"{args.rounds} round(s), load average {os.getloadavg()[0]:.2f}", flush=True)
         t0 = time.time()
-        a = alone(_config(tmp, "alone", args, 1, None), rows)
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        b = in_ray_train(_config(tmp, "ray1", args, 1, None), rows, 1, tmp, "ray1")
-        c = None if args.no_zero2 else in_ray_train(_config(tmp, "ray2", args, 2, 2), rows, 2, tmp, "ray2")
-        ray.shutdown()
-    print("| run | steps 2.. (s, sum) | ratio | step time (s, median) | ratio | steps (s) |")
-    print("|---|---:|---:|---:|---:|---|")
+        rounds = []
+        for rnd in range(args.rounds):
+            rounds.append(_round(tmp, args, rows, rnd))
+            print(f"round {rnd + 1}: TRL alone {rounds[-1][0][0]:.1f} s, inside Ray Train "
+                  f"{rounds[-1][1][0]:.1f} s, load average {os.getloadavg()[0]:.2f}", flush=True)
+        c = None
+        if not args.no_zero2:
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+            c = in_ray_train(_config(tmp, "ray2", args, 2, 2), rows, 2, tmp, "ray2")
+            ray.shutdown()
+    print("| round | run | steps 2.. (s, sum) | ratio | step time (s, median) | ratio | steps (s) |")
+    print("|---|---|---:|---:|---:|---:|---|")
 
-    def line(name: str, r, target: bool = False) -> str:
-        ratio = f"**{r[0] / a[0]:.2f}×** (target ≤ 1.2×)" if target else f"{r[0] / a[0]:.2f}×"
-        return (f"| {name} | {r[0]:.1f} | {ratio} | {r[1]:.2f} | {r[1] / a[1]:.2f}× "
+    def line(rnd: str, name: str, r, a) -> str:
+        return (f"| {rnd} | {name} | {r[0]:.1f} | {r[0] / a[0]:.2f}× | {r[1]:.2f} | {r[1] / a[1]:.2f}× "
                 f"| {', '.join(f'{t:.1f}' for t in r[2])} |")
 
-    print(line("TRL GRPOTrainer alone, one process", a))
-    print(line("inside Ray Train, 1 worker (same work)", b, target=True))
+    for i, (a, b) in enumerate(rounds, 1):
+        print(line(str(i), "TRL GRPOTrainer alone, one process", a, a))
+        print(line(str(i), "inside Ray Train, 1 worker (same work)", b, a))
     if c is not None:
-        print(line("inside Ray Train, 2 workers × 1 core, ZeRO-2 (2× the completions)", c))
+        print(line("1", "inside Ray Train, 2 workers × 1 core, ZeRO-2 (2× the completions)", c, rounds[0][0]))
+    ratios = [b[0] / a[0] for a, b in rounds]
+    print(f"ratio inside Ray Train / TRL alone, median of {len(ratios)} round(s) "
+          f"({', '.join(f'{r:.2f}' for r in ratios)}): **{statistics.median(ratios):.2f}×** (target ≤ 1.2×)")
     print(f"total {time.time() - t0:.0f} s; load average after: {os.getloadavg()[0]:.2f}")
     return 0
 

@@ -17,7 +17,8 @@ before and after each benchmark, the date, the git commit, and the torch/ray ver
 and 20K in 5 interleaved rounds of a quiet and a hogged run (N CPU-hog processes); each
 method's slowdown is the median over rounds of hog time / quiet time of the same round
 (issue 15's "busy machine" target: mixray's slowdown <= apricot's). Run on a quiet machine:
-the full report took 65 minutes on 2 cores on 2026-11-30 (+ ~25 for ``--hog 8``), ``--quick``
+the full report took 65 minutes on 2 cores on 2026-11-30 (+ ~25 for ``--hog 8``; since
+2026-12-01 + ~5 for stochastic selection at 200K and + ~18 for GRPO's three rounds), ``--quick``
 about 15 minutes.
 """
 
@@ -51,7 +52,8 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "train": ([], ["--rounds", "1", "--steps", "4", "--skip-memory"]),
     "dynamics": ([], ["--n", "64"]),
     "generate": ([], ["--clusters", "32", "--new-tokens", "32"]),
-    "grpo": (["--no-zero2"], ["--no-zero2", "--steps", "3", "--new-tokens", "32"]),
+    # 3 interleaved rounds: the ratio is their median (one pair of runs varied 1.02-1.36x)
+    "grpo": (["--no-zero2", "--rounds", "3"], ["--no-zero2", "--steps", "3", "--new-tokens", "32"]),
 }
 
 
