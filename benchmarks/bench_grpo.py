@@ -126,19 +126,26 @@ def in_ray_train(config: dict, rows: list[dict], workers: int, tmp: Path,
     return _step_time(config["log_dir"])
 
 
+def in_local_ray(config: dict, rows: list[dict], workers: int, tmp: Path,
+                 name: str) -> tuple[float, float, list[float]]:
+    """``in_ray_train`` on a local Ray started for it and shut down after."""
+    import ray
+
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        return in_ray_train(config, rows, workers, tmp, name)
+    finally:
+        ray.shutdown()
+
+
 def _round(tmp: Path, args, rows: list[dict], rnd: int) -> tuple:
     """One round: (a) then (b), or (b) then (a) in odd rounds; Ray runs only during (b)."""
-    import ray
 
     def a():
         return alone(_config(tmp, f"alone{rnd}", args, 1, None), rows)
 
     def b():
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        try:
-            return in_ray_train(_config(tmp, f"ray{rnd}", args, 1, None), rows, 1, tmp, f"ray{rnd}")
-        finally:
-            ray.shutdown()
+        return in_local_ray(_config(tmp, f"ray{rnd}", args, 1, None), rows, 1, tmp, f"ray{rnd}")
 
     if rnd % 2 == 0:
         ra = a()
@@ -156,8 +163,6 @@ def main() -> int:
                          "of the rounds' ratios")
     ap.add_argument("--no-zero2", action="store_true", help="skip (c)")
     args = ap.parse_args()
-    import ray
-
     from mixray.models.registry import resolve_model
 
     with tempfile.TemporaryDirectory(prefix="bench-grpo-") as d:
@@ -172,11 +177,7 @@ def main() -> int:
             rounds.append(_round(tmp, args, rows, rnd))
             print(f"round {rnd + 1}: TRL alone {rounds[-1][0][0]:.1f} s, inside Ray Train "
                   f"{rounds[-1][1][0]:.1f} s, load average {os.getloadavg()[0]:.2f}", flush=True)
-        c = None
-        if not args.no_zero2:
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-            c = in_ray_train(_config(tmp, "ray2", args, 2, 2), rows, 2, tmp, "ray2")
-            ray.shutdown()
+        c = None if args.no_zero2 else in_local_ray(_config(tmp, "ray2", args, 2, 2), rows, 2, tmp, "ray2")
     print("| round | run | steps 2.. (s, sum) | ratio | step time (s, median) | ratio | steps (s) |")
     print("|---|---|---:|---:|---:|---:|---|")
 
