@@ -163,6 +163,8 @@ def main() -> int:
                          "of the rounds' ratios")
     ap.add_argument("--no-zero2", action="store_true", help="skip (c)")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
     from mixray.models.registry import resolve_model
 
     with tempfile.TemporaryDirectory(prefix="bench-grpo-") as d:
