@@ -14,7 +14,9 @@ offline package, max 256 tokens, in one run on this machine:
 
 The texts: the real training sets in ../shared/data/train (Alpaca, GSM8K, CodeAlpaca) when
 present, topped up with first user turns from the ShareGPT package, to ``--n`` rows.
-Prints sentences/s for each and the ratios mixray / single process.
+Prints sentences/s for each and the ratios mixray / single process (issue 15's target: end to
+end >= 1.0). Besides one single-thread actor per core, the stage's encoder sorts each batch's rows by
+token count before cutting minibatches (``SentenceEncoder``); ``encode`` sorts by characters.
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ def main() -> int:
     print(f"{'mixray embed: steady state (actors up)':<44}{steady_s:>10.1f}{steady:>10.0f}")
     print(f"(local ray.init, not counted above: {ray_init_s:.1f} s; single-process model load "
           f"{load_s:.1f} s; max |mixray - single| = {max_diff:.2e})")
-    print(f"ratio end to end / single process (encode only): {e2e / single:.2f}  (target >= 0.75)")
+    print(f"ratio end to end / single process (encode only): {e2e / single:.2f}  (target >= 1.0)")
     print(f"ratio steady state / single process (encode only): {steady / single:.2f}  (target >= 0.90)")
     return 0
 

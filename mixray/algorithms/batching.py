@@ -107,6 +107,20 @@ def mix_batch(
     }
 
 
+def length_sorted_chunks(lengths: Sequence[int], size: int) -> list[np.ndarray]:
+    """Row indices in chunks of ``size`` rows, longest rows first: each chunk pads only to its own longest row.
+
+    ``lengths [B]`` (token counts) -> chunks of indices into ``[0, B)``, every index once; ties
+    keep input order. Forwarding the chunks one by one costs ``sum_c |c| * max_{i in c} L_i``
+    padded tokens, the least any split into chunks of ``size`` can cost. Callers scatter each
+    chunk's outputs back to its indices.
+    """
+    if size < 1:
+        raise ValueError(f"chunk size must be >= 1, got {size}")
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    return [order[s : s + size] for s in range(0, len(order), size)]
+
+
 def truncate_pair(prompt: list[int], response: list[int], max_length: int) -> tuple[list[int], list[int], bool]:
     """Fit ``prompt + response`` into ``max_length`` tokens; returns ``(prompt, response, truncated)``.
 

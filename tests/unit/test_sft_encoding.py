@@ -3,9 +3,11 @@ single exchanges and multi-turn conversations (every assistant turn is a respons
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
+import pytest
 
-from mixray.algorithms.batching import sft_batch
+from mixray.algorithms.batching import length_sorted_chunks, sft_batch
 from mixray.algorithms.ifd import IGNORE_INDEX
 from mixray.models.sft import SFTEncoder, encode_example, load_tokenizer
 from mixray.models.text import ALPACA_PROMPT, conversation
@@ -109,3 +111,17 @@ def test_encoder_batch_truncates_and_counts(smollm_tokenizer_dir):
     assert out.column("truncated").to_pylist() == [0, 1, 1]  # the conversation does not fit in 64
     assert out.column("ids_b").to_pylist()[0] == [] and len(out.column("ids_b").to_pylist()[1]) > 0
     assert len(out.column("spans_a").to_pylist()[2]) == 4  # two replies fit, the third is dropped
+
+
+def test_length_sorted_chunks_cover_every_row_once_longest_first():
+    lengths = [5, 40, 12, 40, 3, 256, 7]
+    chunks = length_sorted_chunks(lengths, 3)
+    assert [c.tolist() for c in chunks] == [[5, 1, 3], [2, 6, 0], [4]]  # ties keep input order
+    # padded tokens sum_c |c| * max_c L: 3*256 + 3*12 + 1*3, against 3*40 + 3*256 + 1*7 in input order
+    assert sum(len(c) * max(lengths[i] for i in c) for c in chunks) == 807
+    assert length_sorted_chunks([], 4) == []
+    with pytest.raises(ValueError, match="chunk size"):
+        length_sorted_chunks(lengths, 0)
+    rng = np.random.default_rng(0)
+    many = rng.integers(1, 300, 1000)
+    assert sorted(np.concatenate(length_sorted_chunks(many, 64)).tolist()) == list(range(1000))
