@@ -6,7 +6,9 @@ The same trainer (``mixray.training.grpo.build_grpo_trainer``: SmolLM2-135M-Inst
 rewards with MiniLM and a rated library, G = 4, 4 completions per step, ``--new-tokens``
 completion tokens) on the same cluster prompts, seed 0:
 
-(a) TRL alone: ``trainer.train()`` in this process, torch using every core, no DeepSpeed;
+(a) TRL alone: ``trainer.train()`` in a fresh process each round (``--alone-in process``, the
+    default: a user's script, cold as (b)'s new Ray Train worker is) or in this process
+    (``--alone-in driver``: warmer every round), torch using every core, no DeepSpeed;
 (b) mixray: ``fit(..., train_loop=grpo_loop_per_worker)`` — one Ray Train ``TorchTrainer``
     worker with every core (gloo, world size 1), no DeepSpeed: the same work, so the ratio is
     the cost of running inside Ray Train;
@@ -111,6 +113,15 @@ def alone(config: dict, rows: list[dict]) -> tuple[float, float, list[float]]:
     return _step_time(config["log_dir"])
 
 
+def alone_in_process(config: dict, rows: list[dict]) -> tuple[float, float, list[float]]:
+    """:func:`alone` in a fresh (spawned) Python process, as a user's script would run it."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(alone, config, rows).result()
+
+
 def in_ray_train(config: dict, rows: list[dict], workers: int, tmp: Path,
                  name: str) -> tuple[float, float, list[float]]:
     import pyarrow as pa
@@ -142,7 +153,8 @@ def _round(tmp: Path, args, rows: list[dict], rnd: int) -> tuple:
     """One round: (a) then (b), or (b) then (a) in odd rounds; Ray runs only during (b)."""
 
     def a():
-        return alone(_config(tmp, f"alone{rnd}", args, 1, None), rows)
+        run = alone_in_process if args.alone_in == "process" else alone
+        return run(_config(tmp, f"alone{rnd}", args, 1, None), rows)
 
     def b():
         return in_local_ray(_config(tmp, f"ray{rnd}", args, 1, None), rows, 1, tmp, f"ray{rnd}")
@@ -162,6 +174,8 @@ def main() -> int:
                     help="rounds of (a) and (b), the order alternating; the ratio is the median "
                          "of the rounds' ratios")
     ap.add_argument("--no-zero2", action="store_true", help="skip (c)")
+    ap.add_argument("--alone-in", choices=["process", "driver"], default="process",
+                    help="(a) in a fresh process per round (default) or in this one")
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error(f"--rounds must be >= 1, got {args.rounds}")
@@ -172,7 +186,8 @@ def main() -> int:
         _library(tmp / "library.npz", resolve_model("all-MiniLM-L6-v2"))
         rows = _data(8)
         print(f"{args.steps} GRPO steps, G=4, 4 completions/step/worker, {args.new_tokens} new tokens, "
-              f"{args.rounds} round(s), load average {os.getloadavg()[0]:.2f}", flush=True)
+              f"{args.rounds} round(s), TRL alone in: {args.alone_in}, "
+              f"load average {os.getloadavg()[0]:.2f}", flush=True)
         t0 = time.time()
         rounds = []
         for rnd in range(args.rounds):
