@@ -196,13 +196,13 @@ def response_losses(model, seqs: list[tuple[list[int], Response]], pad_id: int, 
         out[i] = −(1/N_i)·Σ_{n=1..N_i} log p(y_n | x, y_<n)      over the N_i response tokens
 
     SFTMix's ``Perp_c`` and both IFD losses are this function. Micro-batches of
-    ``micro_batch`` sequences sorted by length keep padding and the ``[b, T, V]``
+    ``micro_batch`` sequences sorted by length, longest first (``length_sorted_chunks``:
+    an out-of-memory shows on the first micro-batch), keep padding and the ``[b, T, V]``
     logits small; right padding, so the result does not depend on the batching.
     """
     out = torch.empty(len(seqs))
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-    for s in range(0, len(order), micro_batch):
-        idx = order[s : s + micro_batch]
+    for chunk in length_sorted_chunks([len(ids) for ids, _ in seqs], micro_batch):
+        idx = chunk.tolist()
         mb = sft_batch([seqs[i][0] for i in idx], [seqs[i][1] for i in idx], pad_id)
         logits = model(input_ids=mb["input_ids"].to(device),
                        attention_mask=mb["attention_mask"].to(device)).logits
